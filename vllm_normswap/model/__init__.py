@@ -1,0 +1,2 @@
+"""The architecture: config (what the fields mean), norms and FFN variants (the switch), the vLLM model, and a
+pure-torch reference written straight from the formulas."""
