@@ -115,7 +115,8 @@ class NormSwapArch:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE)
+        d.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE, num_key_value_heads=self.kv_heads,
+                 head_dim=self.dim_head)
         return d
 
     def replace(self, **changes) -> "NormSwapArch":
