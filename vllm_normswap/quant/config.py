@@ -1,0 +1,135 @@
+"""`normswap_int8`: the vLLM QuantizationConfig (which layers, which granularity, online or from a checkpoint).
+
+Two ways in, one linear method family (linear_method.py):
+- online: `--quantization normswap_int8` on a bf16/fp16 checkpoint. Granularity defaults to per channel; another
+  one is chosen with `--hf-overrides '{"quantization_config": {"quant_method": "normswap_int8",
+  "granularity": "group", "group_size": 128}}'`.
+- checkpoint: a compressed-tensors W8A16 "pack-quantized" checkpoint (what `normswap quantize` writes, and what
+  llm-compressor writes for int8 W8A16). On CPU, where stock vLLM has no kernel for it, this config claims it
+  through override_quantization_method; on GPU stock vLLM's compressed-tensors path keeps it unless the user asks
+  for `--quantization normswap_int8`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.platforms import current_platform
+
+from vllm_normswap.quant.primitives import GRANULARITIES, QuantConfigError, check_granularity
+
+NAME = "normswap_int8"
+_ONLINE_KEYS = {"quant_method", "granularity", "group_size"}
+
+
+def parse_compressed_tensors_w8a16(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Return {'granularity', 'group_size', 'ignore'} when cfg is a compressed-tensors int8 weight-only
+    symmetric pack-quantized config, else None (some other scheme: not ours)."""
+    if cfg.get("quant_method") != "compressed-tensors" or "config_groups" not in cfg:
+        return None
+    groups = list(cfg["config_groups"].values())
+    if len(groups) != 1:
+        return None
+    group = groups[0]
+    weights = group.get("weights") or {}
+    fmt = group.get("format") or cfg.get("format")
+    if (group.get("input_activations") is not None or weights.get("type") != "int"
+            or weights.get("num_bits") != 8 or fmt != "pack-quantized"):
+        return None
+    if not weights.get("symmetric", True) or weights.get("strategy") not in ("channel", "group"):
+        return None
+    return {"granularity": weights["strategy"], "group_size": weights.get("group_size"),
+            "ignore": list(cfg.get("ignore") or [])}
+
+
+class NormSwapInt8Config(QuantizationConfig):
+    """Symmetric int8 weights (W8A16) for every dense linear layer; activations stay bf16/fp16."""
+
+    def __init__(self, granularity: str = "channel", group_size: int | None = 128,
+                 from_checkpoint: bool = False, ignore: list[str] | None = None):
+        super().__init__()
+        check_granularity(granularity, group_size)
+        if from_checkpoint and granularity == "tensor":  # compressed-tensors stores per-tensor as equal channels
+            raise QuantConfigError("normswap_int8: a checkpoint cannot declare granularity 'tensor'")
+        self.granularity = granularity
+        self.group_size = group_size if granularity == "group" else None
+        self.from_checkpoint = from_checkpoint  # True: weights arrive as int8 + scales; False: quantize on load
+        self.ignore = list(ignore or [])
+
+    def __repr__(self) -> str:
+        return (f"NormSwapInt8Config(granularity={self.granularity!r}, group_size={self.group_size}, "
+                f"from_checkpoint={self.from_checkpoint})")
+
+    # ---- QuantizationConfig interface ----
+    def get_name(self) -> str:
+        return NAME
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75  # GPU path: Marlin/Machete via vLLM's kernel chooser (Turing and up)
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # no side file: config.json's quantization_config, or nothing (online)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "NormSwapInt8Config":
+        ct = parse_compressed_tensors_w8a16(config)
+        if ct is not None:
+            return cls(ct["granularity"], ct["group_size"], from_checkpoint=True, ignore=ct["ignore"])
+        if config.get("quant_method") == "compressed-tensors":
+            raise QuantConfigError(
+                "normswap_int8 serves compressed-tensors checkpoints only in the int8 weight-only layout "
+                "(one config group, weights type int, num_bits 8, symmetric, strategy channel|group, "
+                "input_activations null, format pack-quantized); write one with `normswap quantize`")
+        unknown = set(config) - _ONLINE_KEYS
+        if unknown:
+            raise QuantConfigError(
+                f"normswap_int8: unknown quantization_config field(s) {sorted(unknown)}; allowed: "
+                f"granularity ({'|'.join(GRANULARITIES)}), group_size")
+        return cls(config.get("granularity", "channel"), config.get("group_size", 128))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,
+                                     hf_config: Any = None) -> str | None:
+        if hf_quant_cfg.get("quant_method") == NAME:
+            return NAME
+        if parse_compressed_tensors_w8a16(hf_quant_cfg) is None:
+            return None
+        # Stock vLLM has no CPU kernel for compressed-tensors W8A16 ("Failed to find a kernel ... WNA16"):
+        # claim it there; elsewhere only when asked for by name.
+        if user_quant == NAME or (user_quant is None and current_platform.is_cpu()):
+            return NAME
+        return None
+
+    def _ignored(self, prefix: str) -> bool:
+        """compressed-tensors `ignore`: exact module names or `re:` patterns (checkpoint names; a merged
+        layer such as qkv_proj is ignored when its first shard is)."""
+        last = prefix.rsplit(".", 1)[-1]
+        names = [prefix] + [prefix[: -len(last)] + shard for shard in self.packed_modules_mapping.get(last, [])]
+        for pattern in self.ignore:
+            for name in names:
+                if pattern.startswith("re:") and re.match(pattern[3:], name):
+                    return True
+                if name == pattern or name.endswith("." + pattern) and pattern == "lm_head":
+                    return True
+        return False
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        # imported here: register() runs in every vLLM process; only model-loading processes need the layers
+        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings and the LM head stay in the model dtype
+        if self._ignored(prefix):
+            return UnquantizedLinearMethod()
+        from vllm_normswap.quant.linear_method import CheckpointInt8LinearMethod, OnlineInt8LinearMethod
+
+        method_cls = CheckpointInt8LinearMethod if self.from_checkpoint else OnlineInt8LinearMethod
+        return method_cls(self, prefix)

@@ -1,0 +1,88 @@
+"""CPU int8 weight-only matmul, registered as one opaque custom op (`torch.ops.vllm.normswap_int8_linear`).
+
+Why a custom op: the right kernel depends on the number of rows M (decode vs prefill); inside an op that
+branch is plain Python, invisible to torch.compile (no shape guards, no recompiles).
+
+Kernel choice (measured on the 2-core AVX-512 box, torch 2.13, bf16 activations, see benchmarks/bench_int8.py):
+- M <= DECODE_MAX_ROWS, per-row scales: `aten._weight_int8pack_mm` reads the int8 weight directly: half the
+  bytes of bf16, and on this CPU also 2.5-3x faster than bf16 F.linear at M = 1..64.
+- otherwise (prefill, or per-group scales): dequantize the weight in row blocks that stay cache-resident and
+  run a dense GEMM per block. The block GEMM runs in bf16 where the CPU has native bf16 dot products
+  (AVX512-BF16/AMX: vLLM's bf16 path is fast there, so we must be too), else in fp32 (MKL sgemm), which on a CPU
+  without bf16 dot products is ~5x faster than bf16 F.linear at M=512 and ~2x faster than int8pack.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Row count up to which the int8pack GEMV-style kernel wins; override for experiments.
+DECODE_MAX_ROWS = int(os.environ.get("NORMSWAP_INT8_DECODE_MAX_ROWS", "64"))
+# Dequantized block: ~2 MiB of fp32 so it stays in L2 while the GEMM streams activations over it.
+_BLOCK_BYTES = 2 << 20
+
+
+def _native_bf16() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+_PREFILL_DTYPE = torch.bfloat16 if _native_bf16() else torch.float32
+
+
+def dequant_block_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = x2 @ (weight * scale)^T with the weight dequantized one row block at a time (no full-size copy)."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    groups = scale.shape[1]
+    rows = max(16, _BLOCK_BYTES // (4 * k))
+    xc = x2.to(_PREFILL_DTYPE)
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        q = weight[start:stop].to(_PREFILL_DTYPE)
+        s = scale[start:stop].to(_PREFILL_DTYPE)
+        if groups == 1:
+            w = q * s
+        else:
+            w = (q.view(stop - start, groups, k // groups) * s.unsqueeze(-1)).view(stop - start, k)
+        out[:, start:stop] = torch.mm(xc, w.t())
+    return out
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] (bf16/fp16/fp32) @ int8 weight [N, K] with scale [N, 1] or [N, K/G] (x's dtype) + bias."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if scale.shape[1] == 1 and x2.shape[0] <= DECODE_MAX_ROWS:
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight, scale.view(-1))
+    else:
+        y = dequant_block_mm(x2, weight, scale)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _int8_linear_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _register() -> None:
+    if hasattr(torch.ops.vllm, "normswap_int8_linear"):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op("normswap_int8_linear", int8_linear, mutates_args=[],
+                              fake_impl=_int8_linear_fake, dispatch_key="CPU")
+
+
+_register()
+
+
+def apply_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.vllm.normswap_int8_linear(x, weight, scale, bias)

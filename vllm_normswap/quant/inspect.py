@@ -1,0 +1,35 @@
+"""Read back what normswap_int8 left in a loaded vLLM model (for tests and benchmarks, via LLM.apply_model:
+a module-level function so vLLM can ship it to its worker processes by reference)."""
+
+from __future__ import annotations
+
+import torch
+
+_METHODS = ("OnlineInt8LinearMethod", "CheckpointInt8LinearMethod")
+
+
+def int8_state(model: torch.nn.Module) -> dict:
+    """{"layers": {module name: (int8 weight, scale)}, "param_bytes": resident bytes of all parameters and
+    buffers, "int8_layers": count, "linear_layers": count of vLLM linear layers}."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    layers, linear = {}, 0
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase):
+            linear += 1
+        if type(getattr(module, "quant_method", None)).__name__ in _METHODS:
+            layers[name] = (module.weight.detach().clone(), module.weight_scale.detach().clone())
+    return {"layers": layers, "param_bytes": weight_bytes(model), "int8_layers": len(layers),
+            "linear_layers": linear}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Resident bytes of parameters + persistent buffers (each storage counted once: tied weights share one)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes() if t.device.type != "meta" else 0
+    return total
