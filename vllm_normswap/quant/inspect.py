@@ -33,3 +33,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
         seen.add(key)
         total += t.untyped_storage().nbytes() if t.device.type != "meta" else 0
     return total
+
+
+def save_int8_state(model: torch.nn.Module, path: str) -> str:
+    """torch.save(int8_state(model)) to `path.rank<TP rank>` (apply_model's return channel turns tensors into
+    lists); returns the file written."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    out = f"{path}.rank{get_tensor_model_parallel_rank()}"
+    torch.save(int8_state(model), out)
+    return out

@@ -1,0 +1,210 @@
+"""normswap_int8 end to end in real vLLM on CPU, on an in-tree Llama (transformers random init):
+
+- quality: mean KL(bf16 || int8) of the full next-token distributions over the prompt < KL_MAX nats/token;
+- every vLLM linear layer is int8, and holds exactly quantize() of the checkpoint tensors (independent: computed
+  here from the safetensors file with the torch-only primitives, shards concatenated by the test);
+- offline checkpoint (`normswap quantize`) == online result, bit for bit, for channel, group and tensor;
+- tensor parallel 2: the int8 weights re-assembled from both ranks equal TP 1's bit for bit, greedy text equal;
+- misconfiguration fails at load with a message naming the problem.
+
+vLLM runs happen in a few subprocesses (tests/quant/int8_runner.py), several engines per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import shared_tokenizer
+from quant.llama_ckpt import make_llama_checkpoint
+from vllm_normswap.checkpoints.quantize import quantize_checkpoint
+from vllm_normswap.quant.primitives import quantize
+
+KL_MAX = 0.01  # nats/token, issue acceptance (per-channel and per-group)
+RUNNER = Path(__file__).with_name("int8_runner.py")
+GROUP = 64
+
+
+def prompts(n=3, vocab=512, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(rng.randrange(24, 48))] for _ in range(n)]
+
+
+def run_int8(specs, out: Path, env_extra=None):
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, str(RUNNER), json.dumps(specs), str(out)], capture_output=True,
+                          text=True, timeout=1200, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"runner failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+    return torch.load(out, weights_only=False), proc.stderr
+
+
+def mean_kl(p_runs, q_runs) -> float:
+    kls = [(p.exp() * (p - q)).sum(-1) for p, q in zip(p_runs, q_runs)]
+    return torch.cat(kls).mean().item()
+
+
+def online(g):
+    return {} if g == "channel" else {"quantization_config": {"quant_method": "normswap_int8", "granularity": g,
+                                                              "group_size": GROUP}}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    src = make_llama_checkpoint(root / "bf16", shared_tokenizer())
+    offline = {g: quantize_checkpoint(src, root / f"int8-{g}", g, GROUP) and root / f"int8-{g}"
+               for g in ("channel", "group", "tensor")}
+    return {"src": src, "offline": offline, "root": root}
+
+
+@pytest.fixture(scope="module")
+def llama_runs(llama):
+    p = prompts()
+    specs = [{"model": str(llama["src"]), "prompts": p, "dump_int8": True}]
+    for g in ("channel", "group", "tensor"):
+        specs.append({"model": str(llama["src"]), "prompts": p, "quantization": "normswap_int8",
+                      "hf_overrides": online(g), "dump_int8": True})
+        specs.append({"model": str(llama["offline"][g]), "prompts": p, "dump_int8": True})
+    results, _ = run_int8(specs, llama["root"] / "runs.pt")
+    bf16 = results[0]
+    return {"bf16": bf16, **{g: {"online": results[1 + 2 * i], "offline": results[2 + 2 * i]}
+                             for i, g in enumerate(("channel", "group", "tensor"))}}
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_llama_kl_int8_vs_bf16(llama_runs, granularity):
+    kl = mean_kl(llama_runs["bf16"]["prompt_logprobs"], llama_runs[granularity]["online"]["prompt_logprobs"])
+    print(f"Llama {granularity}: mean KL(bf16 || int8) = {kl:.2e} nats/token")
+    assert kl < KL_MAX
+
+
+def test_llama_tensor_granularity_is_harsher(llama_runs):
+    """Per-tensor is the harsh setting: it must cost more than per-channel (and still be a working model)."""
+    kl_t = mean_kl(llama_runs["bf16"]["prompt_logprobs"], llama_runs["tensor"]["online"]["prompt_logprobs"])
+    kl_c = mean_kl(llama_runs["bf16"]["prompt_logprobs"], llama_runs["channel"]["online"]["prompt_logprobs"])
+    print(f"Llama tensor: mean KL = {kl_t:.2e} (channel {kl_c:.2e})")
+    assert kl_c < kl_t < 10 * KL_MAX
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group", "tensor"])
+def test_offline_checkpoint_equals_online_bitwise(llama_runs, granularity):
+    on = llama_runs[granularity]["online"]["int8"][0]["layers"]
+    off = llama_runs[granularity]["offline"]["int8"][0]["layers"]
+    assert on.keys() == off.keys() and len(on) == 8
+    for name in on:
+        assert torch.equal(on[name][0], off[name][0]), f"{name}: int8 weights differ"
+        assert torch.equal(on[name][1], off[name][1]), f"{name}: scales differ"
+    assert llama_runs[granularity]["online"]["greedy"] == llama_runs[granularity]["offline"]["greedy"]
+
+
+def _expected_layer(tensors, layer, proj_names, granularity):
+    """quantize() per checkpoint tensor, stacked the way vLLM merges q/k/v and gate/up."""
+    qs, ss = [], []
+    for proj in proj_names:
+        w = tensors[f"{layer}.{proj}.weight"]
+        q, s = quantize(w, granularity, GROUP)
+        qs.append(q)
+        ss.append(s.expand(w.shape[0], 1) if granularity == "tensor" else s)
+    return torch.cat(qs), torch.cat(ss)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group", "tensor"])
+def test_vllm_layers_hold_primitive_quantization(llama, llama_runs, granularity):
+    tensors = load_file(str(llama["src"] / "model.safetensors"))
+    state = llama_runs[granularity]["online"]["int8"][0]
+    assert state["int8_layers"] == state["linear_layers"] == 8  # 2 layers x (qkv, o, gate_up, down)
+    merged = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "self_attn.o_proj": ("self_attn.o_proj",), "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+              "mlp.down_proj": ("mlp.down_proj",)}
+    for i in range(2):
+        for vllm_name, parts in merged.items():
+            q, s = state["layers"][f"model.layers.{i}.{vllm_name}"]
+            q_ref, s_ref = _expected_layer(tensors, f"model.layers.{i}", parts, granularity)
+            assert q.dtype == torch.int8 and torch.equal(q, q_ref), vllm_name
+            assert torch.equal(s, s_ref), vllm_name
+
+
+def test_resident_weights_shrink(llama_runs):
+    bf16 = llama_runs["bf16"]["int8"][0]["param_bytes"]
+    int8 = llama_runs["channel"]["online"]["int8"][0]["param_bytes"]
+    print(f"resident parameter bytes: bf16 {bf16}, int8 {int8} ({int8 / bf16:.2f}x)")
+    # this toy model is embedding-heavy (vocab 512 x 256 twice): only the linear layers halve
+    assert int8 < 0.8 * bf16
+
+
+# ---- tensor parallel ----
+
+def _unshard(rank_states, name, widths, row_parallel):
+    """Reassemble TP rank shards of one layer into the TP 1 layout."""
+    qs = [st["layers"][name][0] for st in rank_states]
+    ss = [st["layers"][name][1] for st in rank_states]
+    if row_parallel:
+        scale = ss[0] if ss[0].shape[1] == 1 else torch.cat(ss, dim=1)
+        return torch.cat(qs, dim=1), scale
+    tp = len(qs)
+    split_q = [q.split([w // tp for w in widths]) for q in qs]
+    split_s = [s.split([w // tp for w in widths]) for s in ss]
+    q = torch.cat([torch.cat([sq[j] for sq in split_q]) for j in range(len(widths))])
+    s = torch.cat([torch.cat([sp[j] for sp in split_s]) for j in range(len(widths))])
+    return q, s
+
+
+@pytest.fixture(scope="module")
+def tp2_runs(llama):
+    p = prompts()
+    specs = [{"model": str(llama["src"]), "prompts": p, "quantization": "normswap_int8", "tp": 2,
+              "hf_overrides": online(g), "dump_int8": True} for g in ("channel", "tensor")]
+    results, _ = run_int8(specs, llama["root"] / "tp2.pt", {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    return dict(zip(("channel", "tensor"), results))
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_tp2_equals_tp1(llama_runs, tp2_runs, granularity):
+    tp1 = llama_runs[granularity]["online"]
+    tp2 = tp2_runs[granularity]
+    assert len(tp2["int8"]) == 2
+    layout = {"self_attn.qkv_proj": ([256, 128, 128], False), "self_attn.o_proj": ([256], True),
+              "mlp.gate_up_proj": ([512, 512], False), "mlp.down_proj": ([256], True)}
+    for i in range(2):
+        for short, (widths, row_parallel) in layout.items():
+            name = f"model.layers.{i}.{short}"
+            q, s = _unshard(tp2["int8"], name, widths, row_parallel)
+            assert torch.equal(q, tp1["int8"][0]["layers"][name][0]), f"{name}: TP2 int8 weights differ"
+            assert torch.equal(s, tp1["int8"][0]["layers"][name][1]), f"{name}: TP2 scales differ"
+    assert tp2["greedy"] == tp1["greedy"]
+
+
+# ---- misconfiguration ----
+
+def test_misconfiguration_fails_at_load_with_clear_message(llama, tmp_path):
+    bad_ckpt = tmp_path / "scales-mismatch"
+    shutil.copytree(llama["offline"]["channel"], bad_ckpt)
+    cfg = json.loads((bad_ckpt / "config.json").read_text())
+    weights = cfg["quantization_config"]["config_groups"]["group_0"]["weights"]
+    weights.update(strategy="group", group_size=GROUP)  # config says groups of 64; tensors hold one scale per row
+    (bad_ckpt / "config.json").write_text(json.dumps(cfg))
+    p = prompts(1)
+    src = str(llama["src"])
+    specs = [
+        {"model": src, "prompts": p, "quantization": "normswap_int8", "expect_failure": True,
+         "hf_overrides": {"quantization_config": {"quant_method": "normswap_int8", "granularity": "row"}}},
+        {"model": src, "prompts": p, "quantization": "normswap_int8", "expect_failure": True,
+         "hf_overrides": {"quantization_config": {"quant_method": "normswap_int8", "granularity": "group",
+                                                  "group_size": 96}}},
+        {"model": str(bad_ckpt), "prompts": p, "expect_failure": True},
+    ]
+    results, stderr = run_int8(specs, tmp_path / "bad.pt")
+    text = stderr + "\n".join(r.get("failed", "") for r in results)
+    assert "unknown granularity 'row'; allowed: channel, group, tensor" in text
+    assert "group_size 96 does not divide the layer input size 256" in text
+    assert "weight_scale has shape" in text and "the scales do not match the weights" in text
