@@ -45,7 +45,7 @@ def run_int8(specs, out: Path, env_extra=None):
                           text=True, timeout=1200, env=env)
     if proc.returncode != 0:
         raise AssertionError(f"runner failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
-    return torch.load(out, weights_only=False), proc.stderr
+    return torch.load(out, weights_only=False), proc.stdout + proc.stderr  # vLLM logs to stdout
 
 
 def mean_kl(p_runs, q_runs) -> float:
