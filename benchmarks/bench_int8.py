@@ -1,0 +1,183 @@
+"""bf16 vs normswap_int8 in vLLM on one Llama-shaped model with dummy weights; prints one JSON object.
+
+    python benchmarks/bench_int8.py [--layers 16 --hidden 2048 --ffn 5632 --vocab 44032] [--eager]
+
+Each configuration runs in its own subprocess (one engine each, same settings; prefix caching off so every
+prompt is really prefilled). Figures:
+- decode tokens/s at batch 1 and 8: (tokens of a 1+D-token generation minus a 1-token one) / time difference,
+  so prefill is excluded; roofline = READ_BW / bytes read per decode step (all weights except the embedding
+  table, of which a step reads one row per token);
+- prefill tokens/s on 512-token prompts (max_tokens=1);
+- resident weight memory: bytes of the model's parameters and buffers inside the worker;
+- batch-1 breakdown: the step time split into linear layers and LM head (the same kernels timed standalone at
+  M=1: vLLM's own CPU bf16 dispatch, resp. our int8 op) and the rest (attention, norms, sampling, scheduler and
+  Python per-step overhead).
+Default vocab 44032 makes the model just over 1B parameters (untied LM head, full multi-head attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+READ_BW = 48e9  # bytes/s, tensor-sum read bandwidth measured on the 2-core CPU box (environment notes)
+
+
+def write_config(dst: Path, a) -> dict:
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.hidden,
+           "intermediate_size": a.ffn, "num_hidden_layers": a.layers, "num_attention_heads": a.hidden // 64,
+           "num_key_value_heads": a.hidden // 64, "vocab_size": a.vocab, "max_position_embeddings": 2048,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1,
+           "eos_token_id": 2, "rope_theta": 10000.0}
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return cfg
+
+
+def param_count(cfg: dict) -> int:
+    d, f, v, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    return n * (4 * d * d + 3 * d * f + 2 * d) + 2 * v * d + d
+
+
+# ---------------- worker: one engine, one configuration ----------------
+
+def worker(model: str, quant: str | None, eager: bool, decode_tokens: int) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from vllm_normswap.quant.inspect import weight_bytes
+
+    llm = LLM(model=model, load_format="dummy", dtype="bfloat16", quantization=quant, enforce_eager=eager,
+              skip_tokenizer_init=True, max_model_len=1024, enable_prefix_caching=False, seed=0,
+              max_num_seqs=8)
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+
+    def gen(batch: int, prompt_len: int, max_tokens: int, salt: int) -> float:
+        prompts = [{"prompt_token_ids": [(7 * i + 13 * j + salt) % (vocab - 10) + 5 for j in range(prompt_len)]}
+                   for i in range(batch)]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    gen(1, 16, 4, 0)  # warm-up (first-call allocations)
+    out = {"quantization": quant or "bf16"}
+    for batch in (1, 8):
+        gen(batch, 16, 2, 1)
+        t_full = min(gen(batch, 16, 1 + decode_tokens, 10 + r) for r in range(2))
+        t_pre = min(gen(batch, 16, 1, 20 + r) for r in range(2))
+        out[f"decode_tok_s_batch{batch}"] = batch * decode_tokens / (t_full - t_pre)
+    t_prefill = min(gen(1, 512, 1, 30 + r) for r in range(3))
+    out["prefill_tok_s_512"] = 512 / t_prefill
+    out["weight_bytes"] = llm.apply_model(weight_bytes)[0]
+    return out
+
+
+# ---------------- kernels timed standalone (same shapes, same kernels as inside vLLM) ----------------
+
+def kernel_ms(cfg: dict, quant: bool, reps: int = 20) -> dict:
+    import torch
+
+    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    shapes = {"qkv": (3 * d, d), "o": (d, d), "gate_up": (2 * f, d), "down": (d, f)}
+
+    def timed(fn) -> float:
+        fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    def bf16_linear(n: int, k: int):
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(torch.randn(n, k).to(torch.bfloat16) * 0.02, requires_grad=False)
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)  # vLLM's own CPU bf16 choice
+        return lambda x: layer.cpu_linear(x, layer.weight, None)
+
+    def int8_linear(n: int, k: int):
+        from vllm_normswap.quant.cpu_kernel import apply_int8_linear
+        from vllm_normswap.quant.primitives import quantize
+
+        q, s = quantize(torch.randn(n, k).to(torch.bfloat16) * 0.02, "channel")
+        return lambda x: apply_int8_linear(x, q, s, None)
+
+    per_layer = {}
+    for name, (n, k) in shapes.items():
+        fn = (int8_linear if quant else bf16_linear)(n, k)
+        x = torch.randn(1, k).to(torch.bfloat16)
+        per_layer[name] = timed(lambda: fn(x))
+    head = bf16_linear(v, d)  # the LM head stays bf16 in both configurations
+    x = torch.randn(1, d).to(torch.bfloat16)
+    return {"linear_per_layer_ms": per_layer, "linears_ms": cfg["num_hidden_layers"] * sum(per_layer.values()),
+            "lm_head_ms": timed(lambda: head(x))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=44032)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's CPU compile)")
+    ap.add_argument("--worker", choices=["bf16", "normswap_int8"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        res = worker(a.model, None if a.worker == "bf16" else a.worker, a.eager, a.decode_tokens)
+        print("BENCH_JSON " + json.dumps(res), flush=True)
+        return 0
+
+    import torch
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(weight_bytes) in the worker
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = write_config(Path(tmp) / "model", a)
+        runs = {}
+        for mode in ("bf16", "normswap_int8"):
+            cmd = [sys.executable, __file__, "--worker", mode, "--model", str(Path(tmp) / "model"),
+                   "--decode-tokens", str(a.decode_tokens)] + (["--eager"] if a.eager else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_JSON ")]
+            if proc.returncode or not lines:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+                return 1
+            runs[mode] = json.loads(lines[-1].removeprefix("BENCH_JSON "))
+
+    embed_bytes = cfg["vocab_size"] * cfg["hidden_size"] * 2  # not read per step (one row per token)
+    result = {"model": {"params": param_count(cfg), **{k: cfg[k] for k in (
+        "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")}},
+        "threads": torch.get_num_threads(), "compiled": not a.eager, "read_bw_GBps": READ_BW / 1e9}
+    for mode, r in runs.items():
+        step_bytes = r["weight_bytes"] - embed_bytes
+        r["bytes_per_decode_step"] = step_bytes
+        r["roofline_tok_s_batch1"] = READ_BW / step_bytes
+        r["roofline_fraction_batch1"] = r["decode_tok_s_batch1"] / r["roofline_tok_s_batch1"]
+        k = kernel_ms(cfg, quant=mode != "bf16")
+        step_ms = 1e3 / r["decode_tok_s_batch1"]
+        r["batch1_breakdown_ms"] = {"step": step_ms, "linear_layers": k["linears_ms"], "lm_head": k["lm_head_ms"],
+                                    "other": step_ms - k["linears_ms"] - k["lm_head_ms"],
+                                    "linear_per_layer": k["linear_per_layer_ms"]}
+        result[mode] = r
+    b, q = runs["bf16"], runs["normswap_int8"]
+    result["int8_over_bf16"] = {
+        "decode_batch1": q["decode_tok_s_batch1"] / b["decode_tok_s_batch1"],
+        "decode_batch8": q["decode_tok_s_batch8"] / b["decode_tok_s_batch8"],
+        "prefill_512": q["prefill_tok_s_512"] / b["prefill_tok_s_512"],
+        "weight_bytes": q["weight_bytes"] / b["weight_bytes"]}
+    result["goals"] = {"decode_batch1_ratio": 1.8, "prefill_ratio": 0.9, "weight_bytes_ratio": 0.5,
+                       "llama_cpp_q8_0_decode_tok_s_batch1": "25-27 (0.95B, same box, from environment notes)"}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
