@@ -34,10 +34,7 @@ from vllm_normswap.model.ffn import make_ffn
 from vllm_normswap.model.norms import make_norm
 from vllm_normswap.options import ConfigError
 
-try:  # the observer arrives with its own module; without it, observing is a no-op
-    from vllm_normswap.observe.layer_stats import make_layer_stats
-except ImportError:
-    make_layer_stats = None
+from vllm_normswap.observe.layer_stats import make_layer_stats
 
 
 def _no_observe(site: str, x: torch.Tensor) -> None:
@@ -85,7 +82,7 @@ class NormSwapDecoderLayer(nn.Module):
         self.post_attention_layernorm = make_norm(arch.norm_type, d, arch)  # the pre-FFN norm of the case study
         self.mlp = make_ffn(arch, vllm_config.quant_config, prefix=f"{prefix}.mlp")
         self.probe_shift = arch.probe_shift if arch.probe_applies(layer) else 0.0
-        self.stats = make_layer_stats(arch, vllm_config, layer) if make_layer_stats is not None else None
+        self.stats = make_layer_stats(arch, vllm_config, layer)
         self.observe = self.stats.record if self.stats is not None else _no_observe
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +176,7 @@ class NormSwapForCausalLM(nn.Module, SupportsQuant):
             shard = None
             if proj in stacked:
                 proj, shard = stacked[proj]
-            param_name = f"{owner}.{proj}.{leaf}"
+            param_name = ".".join(part for part in (owner, proj, leaf) if part)
             if param_name not in params:
                 raise ConfigError(f"unexpected tensor {name!r} in the checkpoint: NormSwap with this config.json "
                                   "(and quantization setting) has no such tensor; see README 'Checkpoint format'")

@@ -1,0 +1,15 @@
+"""Per-layer activation outlier statistics, exported as Prometheus metrics on vLLM's /metrics.
+
+config.py      ObserverConfig: the ``normswap_observe`` hf-override (thresholds, sites, sampling, on/off)
+site_stats.py  torch-only math: one site's counters and histograms as a float64 vector updated in place
+layer_stats.py vLLM glue: LayerStats module per decoder layer, the ``normswap::observe_site`` custom op
+metrics.py     metric names and help texts
+publisher.py   worker thread: device counters -> Prometheus multiprocess files
+bridge.py      API-server side: those files -> vLLM's /metrics
+"""
+
+
+def register_metrics_bridge() -> None:
+    from vllm_normswap.observe.bridge import register_metrics_bridge as _register
+
+    _register()

@@ -1,0 +1,108 @@
+"""Worker side of the metrics bridge: a daemon thread that copies the device counters to Prometheus
+multiprocess files every ``publish_interval_s``, outside the forward pass.
+
+Files go to the operator's PROMETHEUS_MULTIPROC_DIR when set (vLLM's /metrics then reads that directory), else to
+the private directory that ``bridge.register_metrics_bridge`` created in the API server and passed down in
+NORMSWAP_METRICS_DIR. File names follow prometheus_client's scheme (``{type}_[{mode}_]{id}.db``) with an id of
+``normswap-{pid}``, so the bridge can remove our own stale files and nothing else.
+
+The absmax gauge is a windowed max: each publish reads and resets the device max of the interval and publishes
+the max of the intervals in the last ``absmax_window_s``. (A forward step that updates the max between our
+read and our reset is lost for that gauge only; counters are read, never reset.)
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import threading
+
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.utils import floatToGoString
+
+from vllm_normswap.observe.config import ObserverConfig, threshold_label
+from vllm_normswap.observe.metrics import (ABSMAX, DIR_ENV, ELEMENTS, FILE_ID, HELP, LABELS, OUTLIERS,
+                                           TOKEN_HISTOGRAMS)
+from vllm_normswap.observe.site_stats import decode
+
+log = logging.getLogger(__name__)
+
+_publisher: "Publisher | None" = None
+
+
+def metrics_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(DIR_ENV)
+
+
+def ensure_publisher(config: ObserverConfig, model_name: str) -> "Publisher | None":
+    """Start this process's publisher once (called at model construction)."""
+    global _publisher
+    if _publisher is None:
+        path = metrics_dir()
+        if path is None:
+            log.warning("normswap observer: no metrics directory (vllm_normswap.register() did not run in the "
+                        "API server?); counters stay on the device and are not published")
+            return None
+        _publisher = Publisher(config, model_name, path)
+        _publisher.start()
+    return _publisher
+
+
+class Publisher(threading.Thread):
+    def __init__(self, config: ObserverConfig, model_name: str, path: str):
+        super().__init__(name="normswap-metrics", daemon=True)
+        self.config, self.model_name, self.path = config, model_name, path
+        ident = FILE_ID.format(pid=os.getpid())
+        self.files = {kind: os.path.join(path, f"{kind}_{ident}.db")
+                      for kind in ("counter", "histogram", "gauge_max")}
+        n = max(1, math.ceil(config.absmax_window_s / config.publish_interval_s))
+        self.window: dict[tuple, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=n))
+        self.stopped = threading.Event()
+
+    def run(self):
+        dicts = {kind: MmapedDict(f) for kind, f in self.files.items()}
+        try:
+            while not self.stopped.wait(self.config.publish_interval_s):
+                self.publish(dicts)
+        except OSError as e:  # the API server removed the directory at shutdown
+            log.info("normswap metrics publisher stopped: %s", e)
+        finally:
+            for d in dicts.values():
+                d.close()
+
+    def publish(self, dicts):
+        from vllm_normswap.observe.layer_stats import LIVE
+
+        for stats in list(LIVE.values()):
+            for site, layout in stats.layouts.items():
+                state = stats.state(site)
+                snapshot = state.to("cpu", copy=True)
+                state[layout.absmax].zero_()  # start the next absmax interval
+                self.write_site(dicts, str(stats.layer), site, decode(snapshot, layout))
+
+    def write_site(self, dicts, layer: str, site: str, values: dict):
+        labels = (self.model_name, layer, site)
+        write = _writer(dicts)
+        write("counter", ELEMENTS, ELEMENTS + "_total", LABELS, labels, values["elements"])
+        for tau, count in values["outliers"].items():
+            write("counter", OUTLIERS, OUTLIERS + "_total", LABELS + ("threshold",),
+                  labels + (threshold_label(tau),), count)
+        window = self.window[labels]
+        window.append(values["absmax"])
+        write("gauge_max", ABSMAX, ABSMAX, LABELS, labels, max(window))
+        for stat, (buckets, total) in values["hist"].items():
+            name = TOKEN_HISTOGRAMS[stat]
+            edges = [floatToGoString(e) for e in self.config.buckets[stat]] + ["+Inf"]
+            for le, count in zip(edges, buckets):
+                write("histogram", name, name + "_bucket", LABELS + ("le",), labels + (le,), count)
+            write("histogram", name, name + "_sum", LABELS, labels, total)
+
+
+def _writer(dicts):
+    def write(kind, metric, sample, labelnames, labelvalues, value):
+        key = mmap_key(metric, sample, list(labelnames), list(labelvalues), HELP[metric])
+        dicts[kind].write_value(key, float(value), 0.0)
+
+    return write

@@ -1,0 +1,121 @@
+"""The statistics of one observation site, as one float64 vector updated in place. Torch only.
+
+Layout of a site's state vector (``SiteLayout`` holds the offsets):
+
+    [elements, outliers(tau_1) .. outliers(tau_k), absmax, steps,
+     per token statistic s (mean | std | absmax): bucket counts (len(edges_s) + 1, last = +Inf), sum of s]
+
+float64 holds integer counts exactly up to 2**53. Every update is an in-place tensor op with no host read, so the
+same code is safe eagerly, under torch.compile (inside an opaque custom op) and under CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteLayout:
+    thresholds: tuple[float, ...]
+    token_stats: dict[str, int]  # statistic -> number of finite bucket edges, for the statistics this site records
+
+    @property
+    def k(self) -> int:
+        return len(self.thresholds)
+
+    @property
+    def absmax(self) -> int:
+        return 1 + self.k
+
+    @property
+    def steps(self) -> int:
+        return 2 + self.k
+
+    def hist(self, stat: str) -> slice:
+        """Bucket counts of ``stat``; the sum follows at ``.stop``."""
+        start = 3 + self.k
+        for name, n_edges in self.token_stats.items():
+            if name == stat:
+                return slice(start, start + n_edges + 1)
+            start += n_edges + 2
+        raise KeyError(stat)
+
+    @property
+    def size(self) -> int:
+        return 3 + self.k + sum(n + 2 for n in self.token_stats.values())
+
+
+def token_statistics(x: torch.Tensor, stats: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Per-token statistics across features (last dim), in float32: mean, population std (as in LayerNorm's
+    sigma), max |x|."""
+    xf = x.float()
+    out = {}
+    if "mean" in stats or "std" in stats:
+        std, mean = torch.std_mean(xf, dim=-1, correction=0)
+        out.update(mean=mean, std=std)
+    if "absmax" in stats:
+        out["absmax"] = xf.abs().amax(-1)
+    return out
+
+
+def accumulate(state: torch.Tensor, layout: SiteLayout, x: torch.Tensor, edges: dict[str, torch.Tensor],
+               valid: torch.Tensor | None = None, token_absmax: torch.Tensor | None = None,
+               sample_every: int = 1) -> None:
+    """Add one step's observation of ``x`` [tokens, features] to ``state``.
+
+    valid: float [tokens], 1 for real rows, 0 for padding (None = all real). token_absmax: per-token max |x|
+    over the full (unsharded) feature axis when ``x`` is one tensor-parallel shard. sample_every > 1: count
+    only steps whose device-side step counter is a multiple of it (used under CUDA graphs, where no host code
+    runs per step).
+    """
+    x = x.reshape(-1, x.shape[-1])
+    n, width = x.shape
+    a = x.abs().float()
+    if valid is not None:
+        a = a * valid[:, None]  # padded rows become 0: never > tau (tau > 0), never the max
+    gate = None
+    if sample_every > 1:
+        step = state[layout.steps]
+        gate = (torch.remainder(step, sample_every) == 0).double()
+        state[layout.steps].add_(1)
+
+    def scaled(t: torch.Tensor) -> torch.Tensor:
+        t = t.double()
+        return t if gate is None else t * gate
+
+    over = torch.stack([(a > tau).sum() for tau in layout.thresholds])
+    state[1:1 + layout.k].add_(scaled(over))
+    if valid is None and gate is None:
+        state[0].add_(n * width)
+    else:
+        rows = valid.sum() if valid is not None else torch.tensor(float(n), device=x.device)
+        state[0].add_(scaled(rows * width))
+    absmax = state[layout.absmax:layout.absmax + 1]
+    torch.maximum(absmax, scaled(a.amax()).reshape(1), out=absmax)
+
+    if not layout.token_stats:
+        return
+    values = token_statistics(x, tuple(s for s in layout.token_stats if s != "absmax"))
+    if "absmax" in layout.token_stats:
+        values["absmax"] = token_absmax if token_absmax is not None else a.amax(-1)
+    weight = valid.double() if valid is not None else torch.ones(n, dtype=torch.float64, device=x.device)
+    if gate is not None:
+        weight = weight * gate
+    for stat in layout.token_stats:
+        v = values[stat].float().reshape(-1)
+        sl = layout.hist(stat)
+        state[sl].index_add_(0, torch.bucketize(v, edges[stat]), weight)  # bucket i: edges[i-1] < v <= edges[i]
+        state[sl.stop].add_((v.double() * weight).sum())
+
+
+def decode(state: torch.Tensor, layout: SiteLayout) -> dict:
+    """Host-side view of a state vector (a CPU copy): plain Python numbers."""
+    s = state.tolist()
+    out = {"elements": s[0], "outliers": dict(zip(layout.thresholds, s[1:1 + layout.k])),
+           "absmax": s[layout.absmax], "hist": {}}
+    for stat in layout.token_stats:
+        sl = layout.hist(stat)
+        out["hist"][stat] = (s[sl], s[sl.stop])
+    return out
