@@ -1,6 +1,6 @@
 """bf16 vs normswap_int8 in vLLM on one Llama-shaped model with dummy weights; prints one JSON object.
 
-    python benchmarks/bench_int8.py [--layers 16 --hidden 2048 --ffn 5632 --vocab 44032] [--eager]
+    python benchmarks/bench_int8.py [--layers 16 --hidden 2048 --ffn 5632 --vocab 44032] [--compiled]
 
 Each configuration runs in its own subprocess (one engine each, same settings; prefix caching off so every
 prompt is really prefilled). Figures:
@@ -47,14 +47,14 @@ def param_count(cfg: dict) -> int:
 
 # ---------------- worker: one engine, one configuration ----------------
 
-def worker(model: str, quant: str | None, eager: bool, decode_tokens: int) -> dict:
+def worker(model: str, quant: str | None, eager: bool, decode_tokens: int, prefill_reps: int) -> dict:
     from vllm import LLM, SamplingParams
 
     from vllm_normswap.quant.inspect import weight_bytes
 
     llm = LLM(model=model, load_format="dummy", dtype="bfloat16", quantization=quant, enforce_eager=eager,
               skip_tokenizer_init=True, max_model_len=1024, enable_prefix_caching=False, seed=0,
-              max_num_seqs=8)
+              max_num_seqs=8, max_num_batched_tokens=512)  # caps the start-up profile run at 512 tokens
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
 
     def gen(batch: int, prompt_len: int, max_tokens: int, salt: int) -> float:
@@ -67,12 +67,11 @@ def worker(model: str, quant: str | None, eager: bool, decode_tokens: int) -> di
 
     gen(1, 16, 4, 0)  # warm-up (first-call allocations)
     out = {"quantization": quant or "bf16"}
-    for batch in (1, 8):
-        gen(batch, 16, 2, 1)
-        t_full = min(gen(batch, 16, 1 + decode_tokens, 10 + r) for r in range(2))
-        t_pre = min(gen(batch, 16, 1, 20 + r) for r in range(2))
+    for batch, reps in ((1, 2), (8, 1)):
+        t_full = min(gen(batch, 16, 1 + decode_tokens, 10 + r) for r in range(reps))
+        t_pre = min(gen(batch, 16, 1, 20 + r) for r in range(reps))
         out[f"decode_tok_s_batch{batch}"] = batch * decode_tokens / (t_full - t_pre)
-    t_prefill = min(gen(1, 512, 1, 30 + r) for r in range(3))
+    t_prefill = min(gen(1, 512, 1, 30 + r) for r in range(prefill_reps))
     out["prefill_tok_s_512"] = 512 / t_prefill
     out["weight_bytes"] = llm.apply_model(weight_bytes)[0]
     return out
@@ -126,12 +125,18 @@ def main() -> int:
     ap.add_argument("--ffn", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=44032)
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's CPU compile)")
+    ap.add_argument("--prefill-reps", type=int, default=1, help="512-token prefills timed (best of)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="vLLM's default CPU torch.compile (default here: enforce_eager, for a bounded run time)")
+    ap.add_argument("--threads-bind", default=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "all"),
+                    help="VLLM_CPU_OMP_THREADS_BIND for the worker; 'all' = every core (vLLM's 'auto' keeps one "
+                         "core for the scheduler, i.e. 1 thread on a 2-core box)")
+    ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["bf16", "normswap_int8"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        res = worker(a.model, None if a.worker == "bf16" else a.worker, a.eager, a.decode_tokens)
+        res = worker(a.model, None if a.worker == "bf16" else a.worker, a.eager, a.decode_tokens, a.prefill_reps)
         print("BENCH_JSON " + json.dumps(res), flush=True)
         return 0
 
@@ -139,12 +144,15 @@ def main() -> int:
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(weight_bytes) in the worker
+    bind = f"0-{os.cpu_count() - 1}" if a.threads_bind == "all" else a.threads_bind
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_config(Path(tmp) / "model", a)
         runs = {}
         for mode in ("bf16", "normswap_int8"):
             cmd = [sys.executable, __file__, "--worker", mode, "--model", str(Path(tmp) / "model"),
-                   "--decode-tokens", str(a.decode_tokens)] + (["--eager"] if a.eager else [])
+                   "--decode-tokens", str(a.decode_tokens), "--prefill-reps", str(a.prefill_reps)] + (
+                      [] if a.compiled else ["--eager"])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_JSON ")]
             if proc.returncode or not lines:
@@ -155,7 +163,7 @@ def main() -> int:
     embed_bytes = cfg["vocab_size"] * cfg["hidden_size"] * 2  # not read per step (one row per token)
     result = {"model": {"params": param_count(cfg), **{k: cfg[k] for k in (
         "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")}},
-        "threads": torch.get_num_threads(), "compiled": not a.eager, "read_bw_GBps": READ_BW / 1e9}
+        "threads_bind": bind, "compiled": a.compiled, "read_bw_GBps": READ_BW / 1e9}
     for mode, r in runs.items():
         step_bytes = r["weight_bytes"] - embed_bytes
         r["bytes_per_decode_step"] = step_bytes
