@@ -1,0 +1,63 @@
+"""site_stats.accumulate against direct counting (torch, no vLLM): thresholds, absmax, padding rows, histogram
+buckets with Prometheus `le` semantics (v <= edge), device-side sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_normswap.observe.site_stats import SiteLayout, accumulate, decode
+
+THRESHOLDS = (0.5, 1.0, 2.5)
+EDGES = {"mean": torch.tensor([-0.5, 0.0, 0.5]), "std": torch.tensor([0.5, 1.0, 2.0]),
+         "absmax": torch.tensor([1.0, 2.0, 4.0])}
+
+
+def layout(stats=("mean", "std")):
+    return SiteLayout(THRESHOLDS, {s: len(EDGES[s]) for s in stats})
+
+
+def test_counts_absmax_and_histograms_match_direct_counting():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 24, generator=g) * 1.3 + 0.2 for n in (5, 1, 9)]
+    lay = layout()
+    state = torch.zeros(lay.size, dtype=torch.float64)
+    for x in xs:
+        accumulate(state, lay, x.to(torch.bfloat16), EDGES)
+    got = decode(state, lay)
+    allx = torch.cat(xs).to(torch.bfloat16).float()
+    assert got["elements"] == allx.numel()
+    for tau in THRESHOLDS:
+        assert got["outliers"][tau] == int((allx.abs() > tau).sum())
+    assert got["absmax"] == float(allx.abs().max())
+    mean, std = allx.mean(-1), allx.std(-1, correction=0)
+    for stat, v in (("mean", mean), ("std", std)):
+        buckets, total = got["hist"][stat]
+        lower = torch.cat([torch.tensor([-float("inf")]), EDGES[stat]])
+        upper = torch.cat([EDGES[stat], torch.tensor([float("inf")])])
+        want = [int(((v > lo) & (v <= hi)).sum()) for lo, hi in zip(lower, upper)]
+        assert buckets == want
+        assert abs(total - float(v.sum())) < 1e-4
+
+
+def test_padding_rows_are_not_counted():
+    x = torch.tensor([[0.1, 3.0], [9.0, 9.0], [-2.0, 0.7]])
+    valid = torch.tensor([1.0, 0.0, 1.0])  # row 1 is CUDA-graph padding
+    lay = layout(("absmax",))
+    state = torch.zeros(lay.size, dtype=torch.float64)
+    accumulate(state, lay, x, EDGES, valid=valid)
+    got = decode(state, lay)
+    assert got["elements"] == 4
+    assert got["outliers"] == {0.5: 3, 1.0: 2, 2.5: 1}
+    assert got["absmax"] == 3.0
+    assert got["hist"]["absmax"][0] == [0, 1, 1, 0]  # token maxima 3.0 (le 4) and 2.0 (le 2); padding absent
+
+
+def test_device_side_sampling_counts_every_nth_step():
+    lay = layout(())
+    state = torch.zeros(lay.size, dtype=torch.float64)
+    for step in range(7):
+        accumulate(state, lay, torch.full((2, 3), float(step + 1)), EDGES, sample_every=3)
+    got = decode(state, lay)
+    assert got["elements"] == 3 * 6  # steps 0, 3, 6
+    assert got["outliers"] == {0.5: 18, 1.0: 12, 2.5: 12}  # sampled values 1, 4, 7
+    assert got["absmax"] == 7.0
