@@ -146,6 +146,9 @@ def main() -> int:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(weight_bytes) in the worker
     bind = f"0-{os.cpu_count() - 1}" if a.threads_bind == "all" else a.threads_bind
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    # the standalone kernel timings of the breakdown use as many threads as the vLLM worker gets
+    torch.set_num_threads(sum(len(range(int(p.split("-")[0]), int(p.split("-")[-1]) + 1))
+                              for p in bind.split("|")[0].split(",")))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_config(Path(tmp) / "model", a)
         runs = {}
