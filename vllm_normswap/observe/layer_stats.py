@@ -74,8 +74,8 @@ class LayerStats(nn.Module):
             ctx = get_forward_context()
             if ctx.attn_metadata is None and not capturing:
                 return  # start-up profile / warm-up dummy run
-            if ctx.is_padding is not None:
-                valid = (~ctx.is_padding[: x.shape[0]]).float()
+            if ctx.is_padding is not None and x.device.type != "cpu":  # vLLM pads batches only on GPU-like
+                valid = (~ctx.is_padding[: x.shape[0]]).float()          # devices; skip a full pass on CPU
         sample_every = self.config.sample_every
         if sample_every > 1 and not capturing:  # host-side sampling: skipped steps cost nothing
             step = self._host_steps[site]
