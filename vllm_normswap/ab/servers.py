@@ -1,0 +1,80 @@
+"""One server run of the A/B: start vLLM for (option, precision, probe shift), measure, always stop.
+
+The process handling (start, /health, stop, log) is ``vllm_normswap.serve.VLLMServer``; this file decides the
+command line: the option's serving config, the observer switched on when the config does not set it, a
+max-model-len no larger than the checkpoint's position table, and the probe shift.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from vllm_normswap.serve import VLLMServer, serving_config_path, server_argv
+
+OBSERVER_DEFAULT = {"enabled": True, "thresholds": [3.0, 6.0, 20.0]}
+
+
+@dataclass
+class ServerSpec:
+    option: str
+    model: str  # checkpoint dir
+    precision: str = "bf16"  # bf16 | int8
+    probe_shift: float = 0.0
+    probe_layers: list[int] | None = None
+    extra: list[str] = field(default_factory=list)  # further vLLM flags (--enforce-eager, -tp 2, ...)
+    config: str | None = None  # serving config YAML (default serving_configs/OPTION.yaml)
+
+    @property
+    def name(self) -> str:
+        probe = f"-probe{self.probe_shift:g}" if self.probe_shift else ""
+        return f"{self.option}-{self.precision}{probe}"
+
+
+def build_argv(spec: ServerSpec, port: int) -> list[str]:
+    config = Path(spec.config) if spec.config else serving_config_path(spec.option)
+    settings = yaml.safe_load(config.read_text()) or {}
+    overrides: dict = {}
+    if "normswap_observe" not in (settings.get("hf-overrides") or {}):
+        overrides["normswap_observe"] = OBSERVER_DEFAULT
+    if spec.probe_shift:
+        overrides["probe_shift"] = spec.probe_shift
+        if spec.probe_layers is not None:
+            overrides["probe_layers"] = list(spec.probe_layers)
+    extra = list(spec.extra)
+    ckpt_config = Path(spec.model) / "config.json"
+    if "--max-model-len" not in extra and ckpt_config.is_file():
+        positions = json.loads(ckpt_config.read_text()).get("max_position_embeddings")
+        wanted = settings.get("max-model-len")
+        if positions and (wanted is None or int(wanted) > int(positions)):
+            extra += ["--max-model-len", str(positions)]  # the config's default would exceed the checkpoint
+    return server_argv(spec.option, spec.model, port, int8=spec.precision == "int8", hf_overrides=overrides,
+                       extra=extra, config=config)
+
+
+class ServerRun:
+    """``with ServerRun(spec, port, log_dir) as url:`` a healthy server; ``startup_s`` and ``log`` recorded."""
+
+    def __init__(self, spec: ServerSpec, port: int, log_dir, startup_timeout: float = 600.0):
+        self.spec, self.log = spec, Path(log_dir) / f"{spec.name}.log"
+        self.argv = build_argv(spec, port)
+        self.server = VLLMServer(self.argv, self.log, startup_timeout=startup_timeout)
+        self.startup_s = None
+
+    def __enter__(self) -> str:
+        t = time.monotonic()
+        self.server.start()
+        try:
+            self.server.wait_healthy()
+        except BaseException:
+            self.server.stop()
+            raise
+        self.startup_s = time.monotonic() - t
+        return self.server.url
+
+    def __exit__(self, *exc):
+        self.server.stop()
