@@ -23,10 +23,12 @@ import random
 import time
 from pathlib import Path
 
+import gevent
 import requests
 from locust import User, events, task
 from locust.exception import StopUser
 from locust.runners import LocalRunner
+from locust.stats import CSV_STATS_INTERVAL_SEC
 
 
 @events.init_command_line_parser.add_listener
@@ -108,8 +110,12 @@ class CompletionsUser(User):
     def completion(self):
         item = _STATE.take() if _STATE else None
         if item is None:
-            if isinstance(self.environment.runner, LocalRunner):
-                self.environment.runner.quit()
+            runner = self.environment.runner
+            if isinstance(runner, LocalRunner) and not getattr(runner, "_normswap_quitting", False):
+                # quit once the CSV writer has written the final numbers (it writes every CSV_STATS_INTERVAL_SEC
+                # and not at exit), so --csv files hold the whole run
+                runner._normswap_quitting = True
+                gevent.spawn_later(CSV_STATS_INTERVAL_SEC + 1.0, runner.quit)
             raise StopUser()
         self._t0 = time.time()
         payload = {"model": self.model, "prompt": item["prompt"], "max_tokens": item["max_tokens"],

@@ -35,11 +35,11 @@ def load_table() -> list[tuple[float, float]]:
 
 
 class RateSweep(LoadTestShape):
-    def __init__(self):
-        super().__init__()
-        self.table = load_table()
+    table = None  # read at the first tick (locust instantiates shapes while it imports the file)
 
     def tick(self):
+        if self.table is None:
+            self.table = load_table()
         per_user = self.runner.environment.parsed_options.per_user_rate
         if not per_user:
             raise SystemExit("rate_sweep.py needs --per-user-rate > 0 (users pace themselves; the shape sets users)")

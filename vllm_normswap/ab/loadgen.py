@@ -36,6 +36,7 @@ def run_locust(url: str, workload_path, out_dir, users: int = 2, run_time_s: int
         env["NORMSWAP_RATE_TABLE"] = str(out_dir / "rate_table.json")
         run_time_s = int(sum(d for d, _ in rate_table)) + 5
     argv = [sys.executable, "-m", "locust", "-f", files, "--headless", "-H", url, "--csv", str(out_dir / "locust"),
+            "--json-file", str(out_dir / "locust"),
             "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "30", "-t", f"{run_time_s}s"]
     if not rate_table:
         argv += ["-u", str(users), "-r", str(users)]

@@ -1,0 +1,103 @@
+"""Real locust against a real vLLM server (one tiny random checkpoint, shared by the module): headless fixed
+concurrency, a rate sweep, and distributed mode with 1 master + 1 worker. Numbers are checked against the
+server's own token counters (vllm:generation_tokens_total), which locust never sees."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import make_checkpoint
+from vllm_normswap.ab import loadgen, metrics
+from vllm_normswap.ab.servers import ServerRun, ServerSpec
+from vllm_normswap.ab.workload import build_workload
+
+pytestmark = pytest.mark.server
+PORT = 8231
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("locust")
+    ckpt = make_checkpoint(root / "ln-gelu", "ln-gelu")
+    wl = build_workload(n_docs=1, n_prompts=12, prompt_chars=120, max_tokens=MAX_TOKENS, seed=3)
+    prompts = wl.save_prompts(root / "prompts.jsonl")
+    spec = ServerSpec("ln-gelu", str(ckpt), extra=["--enforce-eager"])
+    with ServerRun(spec, PORT, root / "logs") as url:
+        yield url, prompts, root
+
+
+def _generated(url):
+    return metrics.parse(metrics.scrape(url))["vllm"]["vllm:generation_tokens_total"]
+
+
+def test_headless_fixed_concurrency(server):
+    url, prompts, root = server
+    before = _generated(url)
+    proc = loadgen.run_locust(url, prompts, root / "fixed", users=3, run_time_s=60, max_requests=9)
+    assert proc.returncode == 0, (root / "fixed" / "locust.log").read_text()[-2000:]
+    records, start = loadgen.read_records(root / "fixed" / "records")
+    assert start is not None and len(records) == 9
+    s = loadgen.summarize(records, slo_ttft_ms=1e9, slo_itl_ms=1e9)
+    assert s["ok"] == 9 and s["errors"] == 0 and s["max_tokens_mismatch"] == 0
+    assert s["output_tokens"] == 9 * MAX_TOKENS
+    time.sleep(1.5)
+    assert _generated(url) - before == 9 * MAX_TOKENS  # the server generated exactly what locust counted
+    for r in records:  # per-token ITL: one gap per token after the first; gaps + TTFT add up to e2e
+        assert len(r["itl"]) == MAX_TOKENS - 1
+        assert r["ttft"] + sum(r["itl"]) == pytest.approx(r["e2e"], abs=0.05)
+        assert r["tpot"] == pytest.approx(sum(r["itl"]) / (MAX_TOKENS - 1), abs=0.05)
+    assert s["goodput_rps"] == pytest.approx(s["requests_per_s"])  # infinite SLO: every request is good
+    assert loadgen.summarize(records, slo_ttft_ms=0.0)["goodput_rps"] == 0
+    # locust's own statistics carry the same request count for the custom request types
+    stats = (root / "fixed" / "locust_stats.csv").read_text().splitlines()
+    e2e = [line for line in stats if line.startswith("E2E,")]
+    assert e2e and int(e2e[0].split(",")[2]) == 9
+    itl = [line for line in stats if line.startswith("ITL,")]
+    assert int(itl[0].split(",")[2]) == 9 * (MAX_TOKENS - 1)
+
+
+def test_rate_sweep_shape(server):
+    url, prompts, root = server
+    table = [(4, 1.0), (4, 2.0)]
+    proc = loadgen.run_locust(url, prompts, root / "sweep", rate_table=table, per_user_rate=1.0)
+    assert proc.returncode == 0, (root / "sweep" / "locust.log").read_text()[-2000:]
+    records, start = loadgen.read_records(root / "sweep" / "records")
+    stages = loadgen.summarize_sweep(records, start, table, slo_ttft_ms=1e9, slo_itl_ms=1e9)
+    assert [s["offered_rps"] for s in stages] == [1.0, 2.0]
+    n1, n2 = stages[0]["requests"], stages[1]["requests"]
+    assert 2 <= n1 <= 6 and n2 > n1  # ~4 then ~8 requests offered (paced users; tiny model keeps up)
+
+
+def test_distributed_master_and_one_worker(server):
+    url, prompts, root = server
+    d = root / "dist"
+    d.mkdir()
+    env = {"NORMSWAP_WORKLOAD": str(prompts), "NORMSWAP_RECORDS": str(d / "records"), "PATH": "/usr/bin:/bin"}
+    common = [sys.executable, "-m", "locust", "-f", str(loadgen.LOCUSTFILE)]
+    master = subprocess.Popen(common + ["--master", "--headless", "--expect-workers", "1", "-u", "2", "-r", "2",
+                                        "-t", "8s", "-H", url, "--csv", str(d / "locust"), "--master-bind-port",
+                                        str(PORT + 50), "--only-summary"],
+                              stdout=open(d / "master.log", "w"), stderr=subprocess.STDOUT, env=env)
+    worker = subprocess.Popen(common + ["--worker", "--master-host", "127.0.0.1", "--master-port", str(PORT + 50)],
+                              stdout=open(d / "worker.log", "w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        assert master.wait(timeout=90) == 0, (d / "master.log").read_text()[-2000:]
+        worker.wait(timeout=30)
+    finally:
+        for p in (master, worker):
+            if p.poll() is None:
+                p.kill()
+    records, _ = loadgen.read_records(d / "records")
+    files = list((d / "records").glob("records-*.jsonl"))
+    assert len(files) == 1 and str(master.pid) not in files[0].name  # only the worker sent requests
+    done = [r for r in records if r.get("ok")]
+    assert len(done) >= 2
+    stats = (d / "locust_stats.csv").read_text().splitlines()
+    e2e = [line for line in stats if line.startswith("E2E,")]
+    # the master aggregated the worker's custom events (requests cut off at the time limit are not counted)
+    assert int(e2e[0].split(",")[2]) == len(done)
+    json.dumps(loadgen.summarize(records))
