@@ -1,0 +1,93 @@
+"""`normswap zoo build --quick` end to end, and the committed zoo: loads in vLLM and meets the perplexity bar.
+
+The bar is recomputed here, independently of the zoo.json the builder wrote: the held-out documents of the
+running interpreter's stdlib (hash split by file name, so the same files as at build time), encoded with the
+committed tokenizer, scored by the pure-torch reference model; unigram = the held-out tokens' own distribution.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vllm_normswap.options import OPTIONS
+
+
+def test_quick_build(tmp_path, monkeypatch):
+    from vllm_normswap.checkpoints.io import load_arch
+    from vllm_normswap.checkpoints.zoo import build
+
+    monkeypatch.setenv("VLLM_NORMSWAP_CACHE", str(tmp_path / "cache"))
+    summary = build(tmp_path / "zoo", quick=True, progress=False)
+    params = {o: summary["options"][o]["parameters"] for o in OPTIONS}
+    base = params["ln-gelu"]
+    for option in OPTIONS:
+        d = tmp_path / "zoo" / option
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in d.iterdir()}
+        assert load_arch(d).option == option
+        assert abs(params[option] - base) / base < 0.02, params
+        curve = json.loads((d / "zoo.json").read_text())["loss_curve_every_10"]
+        assert curve[-1] < curve[0] - 0.5, f"{option}: training did not reduce the loss: {curve}"
+    # resumable cache: a second build retrains nothing and writes the same weights
+    again = build(tmp_path / "zoo2", quick=True, progress=False)
+    assert again["options"]["ln-gelu"]["ppl"] == summary["options"]["ln-gelu"]["ppl"]
+
+
+def _committed(option):
+    from vllm_normswap.checkpoints.zoo import option_dir
+
+    d = option_dir(option)
+    if not (d / "config.json").is_file():
+        pytest.skip(f"committed zoo checkpoint {d} not built yet (run `normswap zoo build`)")
+    return d
+
+
+def _heldout_windows(tokenizer, ctx, n=48):
+    from vllm_normswap.checkpoints.corpus import stdlib_corpus
+    from vllm_normswap.checkpoints.dataset import encode_stream, shuffled_docs, windows
+    from vllm_normswap.checkpoints.zoo import DATA_SEED
+
+    docs = shuffled_docs(stdlib_corpus().heldout, DATA_SEED)
+    return windows(encode_stream(tokenizer, docs, n * ctx + 1), ctx)[:n]
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_committed_zoo_perplexity_bar(option):
+    from tokenizers import Tokenizer
+
+    from vllm_normswap.checkpoints.io import load_reference
+
+    d = _committed(option)
+    model = load_reference(d)
+    win = _heldout_windows(Tokenizer.from_file(str(d / "tokenizer.json")), model.arch.max_position_embeddings)
+    with torch.no_grad():
+        logits = torch.cat([model(win[i:i + 8, :-1]) for i in range(0, len(win), 8)])
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1))
+    counts = torch.bincount(win[:, 1:].flatten(), minlength=model.arch.vocab_size).double()
+    p = counts[counts > 0] / counts.sum()
+    unigram_nll = -(p * p.log()).sum()
+    ratio = float((unigram_nll - nll).exp())
+    print(f"{option}: ppl {nll.exp():.2f}, unigram ppl {unigram_nll.exp():.2f}, ratio {ratio:.2f}")
+    assert ratio >= 5.0
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_committed_zoo_serves_in_vllm(option):
+    """vLLM bf16 prompt logprobs on held-out text agree with the reference (mean NLL within 0.05 nats)."""
+    from tokenizers import Tokenizer
+
+    from conftest import run_vllm_offline
+    from vllm_normswap.checkpoints.io import load_reference
+
+    d = _committed(option)
+    ref = load_reference(d)
+    win = _heldout_windows(Tokenizer.from_file(str(d / "tokenizer.json")), 128, n=2)
+    ids = [w.tolist() for w in win]
+    got = run_vllm_offline({"model": str(d), "prompts": ids, "max_tokens": 1, "max_model_len": 256})
+    vllm_nll = -torch.tensor(got["prompt_logprobs"]).mean()
+    ref_nll = -torch.tensor([ref.prompt_logprobs(x) for x in ids]).mean()
+    print(f"{option}: vLLM NLL {vllm_nll:.4f}, reference {ref_nll:.4f}")
+    assert abs(vllm_nll - ref_nll) < 0.05
