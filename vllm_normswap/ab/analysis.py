@@ -96,7 +96,37 @@ def analyze(results: dict) -> dict:
         tau = max((t for t in taus if base.get(f"rate_act_out_{t:g}")), default=tau)
     comp = results.get("comparisons", {})
     curves = probe_curves(runs, tau)
-    return {"tau": tau, "stats": stats, "probe": curves, "decision": decide(stats, comp, curves, tau, main)}
+    ref = reference_curves(results.get("probe_reference", {}), tau)
+    agreement = probe_agreement(curves, ref)
+    slopes_from = {o: ref[o] if len(ref.get(o, [])) > 1 else curves.get(o, []) for o in set(curves) | set(ref)}
+    decision = decide(stats, comp, slopes_from, tau, main)
+    if agreement:
+        decision["text"].insert(1, "Probe check: the servers' μ(norm_out) matches the reference-model curve within "
+                                + ", ".join(f"{o} {_fmt(v)}" for o, v in agreement.items())
+                                + " (slopes above use the reference curve, c grid from --probe-grid).")
+    return {"tau": tau, "stats": stats, "probe": curves, "probe_reference": ref, "probe_agreement": agreement,
+            "decision": decision}
+
+
+def reference_curves(raw: dict, tau: float) -> dict[str, list[dict]]:
+    """The reference-model probe curves with the act_out rate at the report's threshold."""
+    out = {}
+    for option, pts in raw.items():
+        if isinstance(pts, list):
+            out[option] = [{**p, "act_out_rate": p["act_out_rate"].get(f"{tau:g}")} for p in pts]
+    return out
+
+
+def probe_agreement(server: dict, ref: dict) -> dict[str, float]:
+    """Largest |μ(norm_out) server − reference| over the c values both have: the server checks the curve."""
+    out = {}
+    for option, pts in server.items():
+        by_c = {p["c"]: p for p in ref.get(option, [])}
+        diffs = [abs(p["mu_norm_out"] - by_c[p["c"]]["mu_norm_out"]) for p in pts
+                 if p["c"] in by_c and p["mu_norm_out"] is not None]
+        if diffs:
+            out[option] = max(diffs)
+    return out
 
 
 def decide(stats, comp, curves, tau, main) -> dict:

@@ -66,21 +66,24 @@ def token_means(results, analysis) -> bytes | None:
 
 
 def probe(results, analysis) -> bytes | None:
-    curves = analysis["probe"]
-    if not any(len(p) > 1 for p in curves.values()):
+    """Lines: the reference model over the c grid; markers: the servers (c = 0 run and the probe servers)."""
+    server, ref = analysis["probe"], analysis.get("probe_reference", {})
+    if not any(len(p) > 1 for p in list(server.values()) + list(ref.values())):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
-    for o, pts in curves.items():
-        cs = [p["c"] for p in pts]
-        for ax, key, title in ((axes[0], "mu_norm_out", "token mean μ at norm_out"),
-                               (axes[1], "act_out_rate", f"act_out |x| > {analysis['tau']:g} rate"),
-                               (axes[2], "ppl", "perplexity (bf16)")):
-            ys = [p[key] for p in pts]
-            if any(y is not None for y in ys):
-                ax.plot(cs, [float("nan") if y is None else y for y in ys], "o-", label=o, color=COLORS.get(o))
-            ax.set_title(title)
-            ax.set_xlabel("probe shift c")
-    axes[0].legend(fontsize=8)
+    panels = ((axes[0], "mu_norm_out", "token mean μ at norm_out"),
+              (axes[1], "act_out_rate", f"act_out |x| > {analysis['tau']:g} rate"), (axes[2], "ppl", "perplexity"))
+    for curves, style, suffix in ((ref, "-", " reference"), (server, "o", " server")):
+        for o, pts in curves.items():
+            cs = [p["c"] for p in pts]
+            for ax, key, title in panels:
+                ys = [p[key] for p in pts]
+                if any(y is not None for y in ys):
+                    ax.plot(cs, [float("nan") if y is None else y for y in ys], style, label=o + suffix,
+                            color=COLORS.get(o), mfc="none", ms=8)
+                ax.set_title(title)
+                ax.set_xlabel("probe shift c")
+    axes[0].legend(fontsize=7)
     return _png(fig)
 
 

@@ -41,6 +41,10 @@ def tables(results: dict, an: dict) -> list[tuple[str, list[str], list[list[str]
         for p in pts:
             probe.append([o, f"{p['c']:g}", _fmt(p["mu_norm_in"]), _fmt(p["mu_norm_out"]),
                           _fmt(p["act_out_rate"], ".2e"), _fmt(p["ppl"])])
+    for o, pts in an.get("probe_reference", {}).items():
+        for p in pts:
+            probe.append([o + " (reference)", f"{p['c']:g}", _fmt(p["mu_norm_in"]), _fmt(p["mu_norm_out"]),
+                          _fmt(p["act_out_rate"], ".2e"), _fmt(p["ppl"])])
     return [(f"Server runs ({an['tau']:g} = outlier threshold)", runs[0], runs[1:]),
             ("Quality: int8 vs bf16 and the bf16 noise floor (95% bootstrap CIs over documents)", comp[0], comp[1:]),
             ("Mean-shift probe", probe[0], probe[1:])]
@@ -54,7 +58,8 @@ def _md_table(head, rows) -> str:
 def write(results: dict, run_dir) -> dict[str, Path]:
     run_dir = Path(run_dir)
     an = analysis_mod.analyze(results)
-    results["analysis"] = {"tau": an["tau"], "stats": an["stats"], "probe": an["probe"], "decision": an["decision"]}
+    results["analysis"] = {k: an[k] for k in ("tau", "stats", "probe", "probe_reference", "probe_agreement",
+                                              "decision")}
     meta = results["meta"]
     tabs = tables(results, an)
     figs = {title: fn(results, an) for title, fn in plots.FIGURES.items()}

@@ -29,7 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--options", default=",".join(OPTIONS), help="which option ids to run (comma list)")
     p.add_argument("--precisions", default="bf16,int8", help="comma list of bf16, int8")
     p.add_argument("--url", help="measure this running server instead of starting any (no int8 pair, no probe)")
-    p.add_argument("--probe-shifts", default="4,16", help="mean-shift probe constants c > 0 ('' = no probe)")
+    p.add_argument("--probe-shifts", default="8", help="probe servers: constants c > 0, one server start each "
+                   "per option ('' = none); the fine curve comes from the reference model (--probe-grid)")
+    p.add_argument("--probe-grid", default="0,1,2,4,8,16", help="c values of the reference-model probe curve")
     p.add_argument("--probe-layers", default="", help="layers the probe shifts (comma list; default all)")
     p.add_argument("--docs", type=int, default=16, help="held-out documents for the quality eval")
     p.add_argument("--doc-tokens", type=int, default=256, help="tokens scored per document (incl. prefix)")
@@ -66,11 +68,15 @@ def _checkpoints(args) -> dict[str, str]:
         given[oid] = path
     if given:
         return given
-    try:
-        from vllm_normswap.checkpoints.zoo import zoo_path
-    except ImportError as e:
-        raise SystemExit(f"the embedded zoo is not available ({e}); pass --option ID=PATH") from None
-    return {o: str(zoo_path(o)) for o in chosen}
+    from vllm_normswap.checkpoints import zoo
+
+    find = getattr(zoo, "zoo_path", None) or zoo.option_dir
+    paths = {o: Path(find(o)) for o in chosen}
+    missing = [o for o, p in paths.items() if not (p / "config.json").is_file()]
+    if missing:
+        raise SystemExit(f"the embedded zoo has no checkpoint for {', '.join(missing)} (looked in "
+                         f"{paths[missing[0]].parent}); run `normswap zoo build` or pass --option ID=PATH")
+    return {o: str(p) for o, p in paths.items()}
 
 
 def _floats(text: str) -> list[float]:
@@ -194,6 +200,20 @@ def comparisons(scored: dict, runs: list[dict]) -> dict:
     return out
 
 
+def probe_reference(args, ckpts: dict, docs, layers) -> dict:
+    from vllm_normswap.ab.probe import reference_curve
+    from vllm_normswap.ab.servers import OBSERVER_DEFAULT
+
+    out = {}
+    for option, path in tqdm(ckpts.items(), desc="probe (reference model)", unit="option"):
+        try:
+            out[option] = reference_curve(path, docs, _floats(args.probe_grid), OBSERVER_DEFAULT["thresholds"],
+                                          layers)
+        except Exception as e:  # e.g. a checkpoint the reference cannot load: the server points remain
+            out[option] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
 def run(args) -> int:
     from vllm_normswap.ab import report
 
@@ -203,6 +223,7 @@ def run(args) -> int:
     t0 = time.monotonic()
     runner = Runner(args, run_dir)
     runs: list[dict] = []
+    ckpts, layers = {}, None
     if args.url:
         rec = {"name": "url", "option": None, "precision": None, "probe_shift": 0.0, "url": args.url}
         try:
@@ -228,7 +249,12 @@ def run(args) -> int:
             runs.append(runner.server_run(spec, load, noise))
             tqdm.write(f"{spec.name}: {runs[-1]['status']} in {runs[-1]['wall_s']:.0f}s"
                        + (f" ({runs[-1]['error'][:200]})" if runs[-1].get("error") else ""))
+    if not args.url and runner.doc_ids:
+        results_probe = probe_reference(args, ckpts, runner.doc_ids, layers)
+    else:
+        results_probe = {}
     results = {
+        "probe_reference": results_probe,
         "meta": {"timestamp": stamp, "wall_s": time.monotonic() - t0, "args": {k: v for k, v in vars(args).items()
                                                                                if not k.startswith("_")},
                  "workload": runner.workload.describe(), "documents_token_ids": runner.doc_ids},
