@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+import pytest
+
 from vllm_normswap.observe.site_stats import SiteLayout, accumulate, decode
 
 THRESHOLDS = (0.5, 1.0, 2.5)
@@ -16,13 +18,14 @@ def layout(stats=("mean", "std")):
     return SiteLayout(THRESHOLDS, {s: len(EDGES[s]) for s in stats})
 
 
-def test_counts_absmax_and_histograms_match_direct_counting():
+@pytest.mark.parametrize("sparse_rows", [False, True])
+def test_counts_absmax_and_histograms_match_direct_counting(sparse_rows):
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(n, 24, generator=g) * 1.3 + 0.2 for n in (5, 1, 9)]
     lay = layout()
     state = torch.zeros(lay.size, dtype=torch.float64)
     for x in xs:
-        accumulate(state, lay, x.to(torch.bfloat16), EDGES)
+        accumulate(state, lay, x.to(torch.bfloat16), EDGES, sparse_rows=sparse_rows)
     got = decode(state, lay)
     allx = torch.cat(xs).to(torch.bfloat16).float()
     assert got["elements"] == allx.numel()
@@ -39,12 +42,13 @@ def test_counts_absmax_and_histograms_match_direct_counting():
         assert abs(total - float(v.sum())) < 1e-4
 
 
-def test_padding_rows_are_not_counted():
+@pytest.mark.parametrize("sparse_rows", [False, True])
+def test_padding_rows_are_not_counted(sparse_rows):
     x = torch.tensor([[0.1, 3.0], [9.0, 9.0], [-2.0, 0.7]])
     valid = torch.tensor([1.0, 0.0, 1.0])  # row 1 is CUDA-graph padding
     lay = layout(("absmax",))
     state = torch.zeros(lay.size, dtype=torch.float64)
-    accumulate(state, lay, x, EDGES, valid=valid)
+    accumulate(state, lay, x, EDGES, valid=valid, sparse_rows=sparse_rows)
     got = decode(state, lay)
     assert got["elements"] == 4
     assert got["outliers"] == {0.5: 3, 1.0: 2, 2.5: 1}

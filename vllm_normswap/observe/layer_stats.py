@@ -84,7 +84,8 @@ class LayerStats(nn.Module):
                 return
             sample_every = 1
         edges = {stat: getattr(self, f"edges_{stat}") for stat in self.layouts[site].token_stats}
-        accumulate(state, self.layouts[site], x.detach(), edges, valid, token_absmax, sample_every)
+        accumulate(state, self.layouts[site], x.detach(), edges, valid, token_absmax, sample_every,
+                   sparse_rows=x.device.type == "cpu")
 
 
 def _observe_site(x: torch.Tensor, state: torch.Tensor, token_absmax: torch.Tensor | None, key: str,

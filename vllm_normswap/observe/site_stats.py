@@ -63,19 +63,19 @@ def token_statistics(x: torch.Tensor, stats: tuple[str, ...]) -> dict[str, torch
 
 def accumulate(state: torch.Tensor, layout: SiteLayout, x: torch.Tensor, edges: dict[str, torch.Tensor],
                valid: torch.Tensor | None = None, token_absmax: torch.Tensor | None = None,
-               sample_every: int = 1) -> None:
+               sample_every: int = 1, sparse_rows: bool = False) -> None:
     """Add one step's observation of ``x`` [tokens, features] to ``state``.
 
     valid: float [tokens], 1 for real rows, 0 for padding (None = all real). token_absmax: per-token max |x|
     over the full (unsharded) feature axis when ``x`` is one tensor-parallel shard. sample_every > 1: count
     only steps whose device-side step counter is a multiple of it (used under CUDA graphs, where no host code
-    runs per step).
+    runs per step). sparse_rows: scan only rows whose max |x| exceeds tau (data-dependent shapes: eager host
+    code only, e.g. CPU; the cost then scales with the rows that hold outliers, not with all rows).
     """
     x = x.reshape(-1, x.shape[-1])
     n, width = x.shape
-    a = x.abs()  # in the model's dtype: half the memory traffic of a float32 copy for bf16 activations
     if valid is not None:
-        a = a * valid[:, None].to(a.dtype)  # padded rows become 0: never > tau (tau > 0), never the max
+        x = x * valid[:, None].to(x.dtype)  # padded rows become 0: never > tau (tau > 0), never the max
     gate = None
     if sample_every > 1:
         step = state[layout.steps]
@@ -86,17 +86,24 @@ def accumulate(state: torch.Tensor, layout: SiteLayout, x: torch.Tensor, edges: 
         t = t.double()
         return t if gate is None else t * gate
 
-    over = torch.stack([(a > tau).sum() for tau in thresholds_in(a.dtype, layout.thresholds)])
+    # per-row max |x| from two reductions (cheaper than materialising |x|): gives the site max, act_out's
+    # per-token max, and on the host-side path the rows that can hold an outlier at all
+    row_absmax = torch.maximum(x.amax(-1), -x.amin(-1)).float()
+    taus = thresholds_in(x.dtype, layout.thresholds)
+    if sparse_rows:  # eager on CPU: only rows whose max exceeds tau are scanned (data-dependent shapes)
+        over = torch.stack([torch.count_nonzero(x.index_select(0, (row_absmax > tau).nonzero().squeeze(-1))
+                                                .abs() > tau) for tau in taus])
+    else:  # graph-safe dense path (GPU, CUDA graphs)
+        a = x.abs()
+        over = torch.stack([torch.count_nonzero(a > tau) for tau in taus])
     state[1:1 + layout.k].add_(scaled(over))
     if valid is None and gate is None:
         state[0].add_(n * width)
     else:
         rows = valid.sum() if valid is not None else torch.tensor(float(n), device=x.device)
         state[0].add_(scaled(rows * width))
-    row_absmax = a.amax(-1) if "absmax" in layout.token_stats and token_absmax is None else None
     absmax = state[layout.absmax:layout.absmax + 1]
-    site_max = row_absmax.amax() if row_absmax is not None else a.amax()
-    torch.maximum(absmax, scaled(site_max).reshape(1), out=absmax)
+    torch.maximum(absmax, scaled(row_absmax.amax()).reshape(1), out=absmax)
 
     if not layout.token_stats:
         return
