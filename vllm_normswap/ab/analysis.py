@@ -169,7 +169,11 @@ def decide(stats, comp, curves, tau, main) -> dict:
         q_ok, q_note = _quality_ok(o, main, comp)
         cands.append((ratio, o, label, q_ok))
         lines.append(f"{o} ({label}): act_out outlier rate {_fmt(ratio)}x the baseline's; quality {q_note}.")
-    good = sorted(c for c in cands if c[0] < REDUCTION and c[3])
+    if not base[key]:
+        lines.append(f"No act_out element exceeded |x| > {tau:g} at the baseline (nor any configured threshold): "
+                     "these models have no post-activation outliers to reduce, so the outlier criterion cannot "
+                     "separate the options; lower normswap_observe.thresholds or use the probe (c > 0).")
+    good = sorted(c for c in cands if c[0] < REDUCTION and c[3] and base[key])
     if good:
         ratio, choice, label, _ = good[0]
         verdict = "decided"
