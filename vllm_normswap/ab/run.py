@@ -169,10 +169,26 @@ class Runner:
             rec["status"] = "ok" if "quality_error" not in rec and "load_error" not in rec else "partial"
         except Exception as e:
             rec["status"] = "failed"
-            rec["error"] = f"{type(e).__name__}: {e}"[-3000:]
+            causes = _log_errors(self.dir / rec["log"]) if "log" in rec else []
+            rec["error"] = "; ".join(causes) + (" | " if causes else "") + f"{type(e).__name__}: {e}"[-1500:]
             rec["traceback"] = traceback.format_exc()[-3000:]
         rec["wall_s"] = time.monotonic() - t
         return rec
+
+
+def _log_errors(log: Path, limit: int = 4) -> list[str]:
+    """The exception lines of a server log ('XError: message'), first occurrences: the root cause comes first,
+    vLLM's 'Engine core initialization failed' wrapper last."""
+    import re
+
+    if not log.is_file():
+        return []
+    found: list[str] = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = None if " WARNING " in line else re.search(r"\b([A-Za-z_.]*(?:Error|Exception)): (.+)$", line)
+        if m and m.group(0) not in found:
+            found.append(m.group(0)[:400])
+    return found[:limit]
 
 
 def _eos_id(url: str, model: str) -> int | None:
