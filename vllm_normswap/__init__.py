@@ -26,15 +26,8 @@ def register() -> None:
 
     register_hf_config()
 
-    try:  # the quantization method and the metrics bridge arrive with their own modules
-        from vllm_normswap.quant import register_quantization
-    except ImportError:
-        register_quantization = None
-    if register_quantization is not None:
-        register_quantization()
-    try:
-        from vllm_normswap.observe import register_metrics_bridge
-    except ImportError:
-        register_metrics_bridge = None
-    if register_metrics_bridge is not None:
-        register_metrics_bridge()
+    from vllm_normswap.observe import register_metrics_bridge
+    from vllm_normswap.quant import register_quantization
+
+    register_quantization()
+    register_metrics_bridge()

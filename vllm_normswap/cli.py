@@ -1,7 +1,8 @@
 """`normswap` command line: thin dispatch to the module that owns each subcommand.
 
 Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when
-that subcommand runs, so `normswap --help` stays fast and needs no vLLM.
+that subcommand runs, so `normswap --help` stays fast and needs no vLLM. Arguments after a bare ``--`` arrive
+untouched in ``args.passthrough``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    passthrough: list[str] = []
+    if "--" in argv:  # everything after a bare -- goes untouched to the tool underneath (e.g. vLLM's server)
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1:]
     sys.argv[1:] = argv
     args = build_parser().parse_args(argv)
+    args.passthrough = passthrough
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 DATA_SEED = 1234  # data order, shared by all options
-FORMAT = 1  # bump when the cache layout or training code changes meaning
+FORMAT = 2  # bump when the cache layout or training code changes meaning
 
 # shape (GELU width; SwiGLU options get swiglu_width) and schedule of the committed zoo, and of the --quick smoke run
 FULL = {"shape": dict(hidden_size=192, layers=4, heads=3, vocab_size=4096, max_positions=256, gelu_width=768),
-        "spec": dict(steps=200, batch_size=4, ctx=256, lr=4e-3, warmup=20),
+        "spec": dict(steps=600, batch_size=8, ctx=256, lr=3e-3, warmup=30),
         "tokenizer_chars": 3_000_000, "heldout_windows": 48}
 QUICK = {"shape": dict(hidden_size=64, layers=1, heads=1, vocab_size=512, max_positions=64, gelu_width=384),
          "spec": dict(steps=12, batch_size=4, ctx=64, lr=3e-3, warmup=3),

@@ -12,6 +12,7 @@ from typing import Any
 
 from vllm_normswap.options import (
     EPS_PLACEMENTS,
+    OPTIONS,
     FFN_ACTS,
     NORM_TYPES,
     POSITION_TYPES,
@@ -53,6 +54,7 @@ class NormSwapArch:
     # --- runtime knob, not architecture (set with --hf-overrides): the case study's diagnostic on demand ---
     probe_shift: float = 0.0  # mean-shift probe: constant c added to the residual stream entering the pre-FFN norm
     probe_layers: tuple[int, ...] | None = None  # layers the probe shifts (None = all)
+    expect_option: str | None = None  # set by a serving config: refuse to serve a checkpoint of another option
 
     def __post_init__(self):
         check_choice("norm_type", self.norm_type, NORM_TYPES)
@@ -78,6 +80,13 @@ class NormSwapArch:
             bad = [i for i in self.probe_layers if not 0 <= i < self.num_hidden_layers]
             if bad:
                 raise ConfigError(f"probe_layers {bad} outside 0..{self.num_hidden_layers - 1}")
+        if self.expect_option is not None:
+            check_choice("expect_option", self.expect_option, tuple(OPTIONS))
+            if self.option != self.expect_option:
+                raise ConfigError(
+                    f"the serving config is for option {self.expect_option!r} but the checkpoint is "
+                    f"norm_type={self.norm_type!r}, ffn_act={self.ffn_act!r} (option {self.option!r}); "
+                    f"serve it with serving_configs/{self.option}.yaml or pass the right checkpoint")
         if not self.norm_eps > 0:
             raise ConfigError(f"config field 'norm_eps' = {self.norm_eps!r} must be > 0")
 

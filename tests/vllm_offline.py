@@ -1,0 +1,30 @@
+"""Run a checkpoint in vLLM's offline engine in a fresh process and print JSON: prompt logprobs and greedy
+continuations for given token-id prompts. Tests call it as a subprocess (one engine per process is what vLLM
+supports cleanly; EngineCore is spawned, hence the __main__ guard).
+
+    python tests/vllm_offline.py SPEC_JSON  ->  stdout line 'RESULT_JSON {...}': {"prompt_logprobs": [[...]], "greedy": [[...]]}
+SPEC: {"model": dir, "prompts": [[ids]], "max_tokens": 32, "enforce_eager": true, "tp": 1, "dtype": "bfloat16",
+       "quantization": null, "hf_overrides": {}}
+"""
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=spec["model"], enforce_eager=spec.get("enforce_eager", True), dtype=spec.get("dtype", "bfloat16"),
+              tensor_parallel_size=spec.get("tp", 1), max_model_len=spec.get("max_model_len", 512),
+              quantization=spec.get("quantization"), hf_overrides=spec.get("hf_overrides") or None, seed=0)
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 32), temperature=0.0, prompt_logprobs=0,
+                            ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params)
+    result = {"prompt_logprobs": [], "greedy": []}
+    for ids, out in zip(spec["prompts"], outs):
+        # entry t (t >= 1) holds {token_id: Logprob} for the actual prompt token t (plus top-k, k = 0 here)
+        result["prompt_logprobs"].append([lp[tok].logprob for tok, lp in zip(ids[1:], out.prompt_logprobs[1:])])
+        result["greedy"].append(list(out.outputs[0].token_ids))
+    print("RESULT_JSON " + json.dumps(result), flush=True)
