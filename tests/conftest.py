@@ -54,9 +54,9 @@ def checkpoints(tmp_path_factory):
     return {option: make_checkpoint(root / option, option) for option in OPTION_VARIANTS}
 
 
-def run_vllm_offline(spec: dict, timeout: float = 600) -> dict:
+def run_vllm_offline(spec: dict, timeout: float = 600, env: dict | None = None) -> dict:
     proc = subprocess.run([sys.executable, str(TESTS / "vllm_offline.py"), json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT_JSON ")]
