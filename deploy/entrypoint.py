@@ -1,4 +1,4 @@
-"""Container entrypoint (Dockerfile, Dockerfile.cpu, docker-compose.yml, deploy/k8s): one vLLM server for one
+"""Container entrypoint (Dockerfile, deploy/Dockerfile.cpu, docker-compose.yml, deploy/k8s): one vLLM server for one
 NormSwap option, activation observer on, configured by environment variables so that compose files and
 Kubernetes manifests need no shell quoting of JSON.
 
