@@ -29,6 +29,7 @@ from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
+from vllm_normswap.checkpoints.validate import check_values, preflight
 from vllm_normswap.model.config import NormSwapArch, tensor_shapes
 from vllm_normswap.model.ffn import make_ffn
 from vllm_normswap.model.norms import make_norm
@@ -156,8 +157,11 @@ class NormSwapForCausalLM(nn.Module, SupportsQuant):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load checkpoint tensors (names: ``config.tensor_shapes``), checking each full-precision tensor's shape
-        and that none is missing; errors name the tensor. A quantized checkpoint stores ``X.weight`` as
+        and that none is missing; errors name the tensor. Before the first tensor is read, ``checkpoints/validate.py``
+        checks the directory (safetensors only, headers intact, names/shapes/int8 layout) and names every problem
+        with its fix; each tensor's values are checked as it streams through (no NaN/Inf). A quantized checkpoint stores ``X.weight`` as
         ``X.weight_<suffix>`` tensors (packed values, scales) that go to the parameters its method created."""
+        _preflight(self.arch)
         expected = tensor_shapes(self.arch)
         stacked = _STACKED_GATED if self.arch.gated else _STACKED
         params = dict(self.named_parameters())
@@ -166,6 +170,7 @@ class NormSwapForCausalLM(nn.Module, SupportsQuant):
         for name, tensor in weights:
             if self.arch.tie_word_embeddings and name == "lm_head.weight":
                 continue  # some exporters write the tied head too
+            check_values(name, tensor)  # NaN/Inf weights, non-positive int8 scales: named, not served
             if name in expected and tuple(tensor.shape) != expected[name]:
                 raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, but config.json "
                                   f"implies {expected[name]}; the checkpoint and its config.json disagree")
@@ -192,3 +197,16 @@ class NormSwapForCausalLM(nn.Module, SupportsQuant):
         if self.arch.tie_word_embeddings:
             loaded.add("lm_head.weight")
         return loaded
+
+
+def _preflight(arch: NormSwapArch) -> None:
+    """Structural checks of the local checkpoint directory before vLLM's iterator opens a file (a truncated or
+    pickle-only checkpoint would otherwise fail deep in a loader, or be unpickled). A hub id (not a local
+    directory) is not checked here; the per-tensor checks still apply."""
+    from pathlib import Path
+
+    from vllm.config import get_current_vllm_config
+
+    model = Path(get_current_vllm_config().model_config.model)
+    if model.is_dir():
+        preflight(model, arch)
