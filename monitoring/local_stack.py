@@ -1,8 +1,8 @@
 """docker-compose.yml's stack without Docker: option servers (through deploy/entrypoint.py, as in the images),
 a real Prometheus with the committed config and rules, traffic, and the PNG of the key panels.
 
-    python monitoring/local_stack.py --random --seconds 90 --png docs/monitoring-panels.png
-    python monitoring/local_stack.py --options ln-gelu rms-gelu --keep    # leave it running; Ctrl-C stops
+    python monitoring/local_stack.py --random --seconds 90 --png docs/img/dashboard-panels.png
+    python monitoring/local_stack.py --options ln-gelu rms-gelu --keep    # leave it running; Ctrl-C or SIGTERM stops
 
 Needs the `prometheus` binary (Debian: apt-get install prometheus). Servers listen on 127.0.0.1 only; traffic
 goes to them alone and is bounded in time and count. tests/monitoring uses the same pieces.
@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ sys.path.insert(0, str(MONITORING))
 from promql import PromAPI  # noqa: E402
 
 ENTRYPOINT = REPO / "deploy" / "entrypoint.py"
+THRESHOLDS = (1.0, 3.0, 6.0)  # the observer's |x| thresholds on the local servers
 WORDS = ("the model reads a token and writes the next one while the server counts every large activation "
          "in each layer of the network so that we can compare norms and activations side by side").split()
 
@@ -49,9 +51,10 @@ def free_port(lo: int, hi: int) -> int:
 
 class Prometheus:
     """A real Prometheus on 127.0.0.1 with monitoring/prometheus/ (config, rules) copied into ``workdir``:
-    the targets are replaced by ``targets`` and the intervals shortened so a short test sees several scrapes."""
+    the targets are replaced by ``targets`` (option -> "host:port", or a list of them for replicas) and the
+    intervals shortened so a short test sees several scrapes."""
 
-    def __init__(self, targets: dict[str, str], workdir: Path, port: int, interval: str = "1s"):
+    def __init__(self, targets: dict[str, str | list[str]], workdir: Path, port: int, interval: str = "1s"):
         self.targets, self.workdir, self.port, self.interval = targets, Path(workdir), port, interval
         self.url = f"http://127.0.0.1:{port}"
         self.api = PromAPI(self.url)
@@ -65,7 +68,8 @@ class Prometheus:
         config["global"].update(scrape_interval=self.interval, evaluation_interval=self.interval)
         (conf / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         (conf / "targets").mkdir()
-        entries = [{"targets": [addr], "labels": {"option": option}} for option, addr in self.targets.items()]
+        entries = [{"targets": [addr] if isinstance(addr, str) else list(addr), "labels": {"option": option}}
+                   for option, addr in self.targets.items()]
         (conf / "targets" / "local.yml").write_text(yaml.safe_dump(entries))
         return conf / "prometheus.yml"
 
@@ -197,6 +201,10 @@ def random_checkpoints(options, root: Path, layers: int = 4, hidden: int = 256) 
             for i, o in enumerate(options)}
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     from vllm_normswap.options import OPTIONS
 
@@ -207,16 +215,21 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=90, help="traffic duration")
     p.add_argument("--probe-shift", type=float, default=0.0, help="mean-shift probe c on every server")
     p.add_argument("--png", type=Path, help="render the key panels to this PNG at the end")
+    p.add_argument("--site", default="act_out", help="site of the PNG's outlier panels")
+    p.add_argument("--threshold", type=float, default=6.0, choices=THRESHOLDS,
+                   help="|x| threshold of the PNG's outlier panels")
     p.add_argument("--keep", action="store_true", help="keep everything running after the traffic")
     p.add_argument("vllm_flags", nargs="*", help="extra vLLM flags (after --), e.g. -- --enforce-eager")
     args = p.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (kill, timeout, a container stop) tears down like Ctrl-C; a shell's background job ignores SIGINT
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.random:
         models = random_checkpoints(args.options, args.workdir / "ckpt")
     else:
         from vllm_normswap.serve import default_model
         models = {o: default_model(o) for o in args.options}
-    observe = {"thresholds": [1.0, 3.0, 6.0], "publish_interval_s": 1.0}
+    observe = {"thresholds": list(THRESHOLDS), "publish_interval_s": 1.0}
     servers, urls = [], {}
     try:
         ncores = os.cpu_count() or 1
@@ -237,7 +250,7 @@ def main(argv=None) -> int:
             time.sleep(3)  # one more publish + scrape + rule evaluation
             if args.png:
                 from render_panels import render
-                render(prom.api, list(urls), t0, time.time(), args.png)
+                render(prom.api, list(urls), t0, time.time(), args.png, args.site, f"{args.threshold:g}")
                 print(f"wrote {args.png}")
             if args.keep:
                 print("running; Ctrl-C stops", flush=True)
