@@ -11,8 +11,11 @@ FROM ${VLLM_IMAGE}
 WORKDIR /opt/normswap
 COPY . .
 # The base image's Python already holds vllm 0.32.0, which satisfies the [gpu] extra's pin, so only the plugin
-# and its small dependencies are added. Editable: serving_configs/ and the zoo stay beside the package.
-RUN if command -v uv >/dev/null 2>&1; then uv pip install --system -e ".[gpu]"; \
+# and its small dependencies are added. Editable: serving_configs/ and the zoo stay beside the package. The image's
+# Python is the system one (vLLM installs itself with `uv pip install --system`); on a base whose distribution
+# marks it externally managed (PEP 668), the BREAK_SYSTEM_PACKAGES variables let the same command through.
+RUN export UV_BREAK_SYSTEM_PACKAGES=1 PIP_BREAK_SYSTEM_PACKAGES=1 \
+ && if command -v uv >/dev/null 2>&1; then uv pip install --system -e ".[gpu]"; \
     else python3 -m pip install --no-cache-dir -e ".[gpu]"; fi \
  && python3 deploy/check_install.py
 
