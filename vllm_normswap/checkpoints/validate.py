@@ -80,6 +80,13 @@ def read_header(path: Path) -> dict[str, dict]:
     return header
 
 
+def check_headers(model_dir: Path) -> None:
+    """Every *.safetensors header of a directory is intact. Called when the checkpoint's config is loaded (in the
+    API server, before vLLM itself reads the headers to guess dtypes and would fail with a bare UnicodeDecodeError)."""
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        read_header(path)
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The *.safetensors files to load; refuses a missing directory and a pickle-only checkpoint."""
     if not model_dir.is_dir():

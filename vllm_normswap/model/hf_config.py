@@ -7,6 +7,7 @@ once, in ``NormSwapArch`` (config.py), when the model is built.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -32,6 +33,12 @@ class NormSwapConfig(PretrainedConfig):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__init__(tie_word_embeddings=tie, **kwargs)
+        # a checkpoint directory being loaded (not a bare config): vLLM's API server reads its safetensors headers
+        # next (dtype, tied-head probes) and a corrupt one would fail there without naming file or fix
+        if self._name_or_path and os.path.isdir(self._name_or_path):
+            from vllm_normswap.checkpoints.validate import check_headers
+
+            check_headers(self._name_or_path)
 
 
 def register_hf_config() -> None:

@@ -1,0 +1,148 @@
+"""Faults: the engine process killed under load, a restart over the same Prometheus multiprocess directory, an
+unusable Prometheus directory; and what is loaded: safetensors only (a pickle next to them is never opened) and
+no remote code.
+
+- EngineCore SIGKILLed while good requests run: /health stops answering 200 within HEALTH_FAIL_S, the API server
+  process exits non-zero within EXIT_S, and no process of its group is left behind;
+- restart with the same PROMETHEUS_MULTIPROC_DIR (the killed run's files are still there): the observer's
+  counters start from zero, and the booby-trapped pytorch_model.bin beside the safetensors is never unpickled;
+- PROMETHEUS_MULTIPROC_DIR that cannot be written: the server stops before serving, naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import yaml
+
+from robustness_traffic import OPTION, GoodTraffic, bad, watch
+from vllm_normswap.serve import SERVING_CONFIGS, VLLMServer, server_argv
+
+pytestmark = pytest.mark.server
+PORT = 8630
+HEALTH_FAIL_S = 10.0  # /health must stop answering 200 this soon after the engine dies
+EXIT_S = 60.0  # ... and the API server must be gone this soon (vLLM's watchdog checks every 5 s)
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+class Trap:
+    """A pickle that, if ever unpickled, creates ``marker`` (torch.load without weights_only would run it)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def add_pickle_trap(ckpt: Path, marker: Path) -> None:
+    import pickle
+
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": Trap(marker)}))
+
+
+def argv(ckpt, port, *extra):
+    return server_argv(OPTION, str(ckpt), port, extra=["--enforce-eager", "--max-model-len",
+                                                        str(bad.MAX_MODEL_LEN), *extra])
+
+
+def _health(url) -> int | None:
+    try:
+        return requests.get(f"{url}/health", timeout=2).status_code
+    except requests.RequestException:
+        return None
+
+
+def engine_core(server: VLLMServer) -> psutil.Process:
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    for p in children:
+        try:
+            if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no EngineCore among {[(p.pid, p.name()) for p in children]}")
+
+
+def test_engine_killed_then_clean_restart(checkpoints, tmp_path):
+    import shutil
+
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    env = {**ENV, "PROMETHEUS_MULTIPROC_DIR": str(prom)}
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints[OPTION], ckpt)
+    marker = tmp_path / "pickle-was-loaded"
+    add_pickle_trap(ckpt, marker)
+
+    server = VLLMServer(argv(ckpt, PORT), tmp_path / "killed.log", env=env).start().wait_healthy()
+    group = [server.proc.pid] + [p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)]
+    traffic = GoodTraffic(server.url, users=2)
+    try:
+        traffic.start()
+        deadline = time.monotonic() + 60
+        while traffic.ok < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert traffic.ok >= 3, f"no good traffic before the kill: {traffic.failures[:2]}"
+        assert list(prom.glob("*_normswap-*.db")), "observer files should be in the operator's directory"
+        engine_core(server).send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        while _health(server.url) == 200:
+            assert time.monotonic() - killed < HEALTH_FAIL_S, "/health still 200 after the engine died"
+            time.sleep(0.1)
+        health_fail_s = time.monotonic() - killed
+        try:
+            code = server.wait_exit(timeout=EXIT_S)
+        except Exception:
+            raise AssertionError(f"API server still running {EXIT_S}s after its engine died (hung):\n"
+                                 f"{server.log_tail()}") from None
+        exit_s = time.monotonic() - killed
+    finally:
+        traffic.stop()
+        server.stop()
+    print(f"engine killed: /health failed after {health_fail_s:.1f}s, server exited {code} after {exit_s:.1f}s")
+    assert code != 0, f"the API server exited 0 after its engine was killed:\n{server.log_tail()}"
+    time.sleep(2)
+    left = [pid for pid in group if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not left, f"processes left behind: {left}"
+
+    # restart over the same directory: the killed run's observer files are removed, counters start at zero
+    with VLLMServer(argv(ckpt, PORT + 1), tmp_path / "restart.log", env=env) as second:
+        before, _ = watch.scrape(second.url)
+        stale = {k: v for k, v in before.items() if k[0].startswith("normswap_") and v}
+        assert not stale, f"restart shows the killed run's values: {list(stale.items())[:3]}"
+        with requests.Session() as session:
+            assert bad.good_completion(session, second.url, OPTION, [5, 6, 7], max_tokens=4) == 4
+    assert not marker.exists(), "pytorch_model.bin (pickle) was unpickled: only safetensors may be read"
+
+
+def test_unwritable_prometheus_dir(checkpoints, tmp_path):
+    not_a_dir = tmp_path / "prom-is-a-file"
+    not_a_dir.write_text("")  # root ignores permission bits: a regular file is unwritable as a directory for anyone
+    env = {**ENV, "PROMETHEUS_MULTIPROC_DIR": str(not_a_dir)}
+    server = VLLMServer(argv(checkpoints[OPTION], PORT + 2), tmp_path / "prom.log", env=env).start()
+    t0 = time.monotonic()
+    try:
+        while server.proc.poll() is None:
+            assert _health(server.url) != 200, "served with an unusable PROMETHEUS_MULTIPROC_DIR"
+            assert time.monotonic() - t0 < 180, "still running"
+            time.sleep(0.25)
+    finally:
+        server.stop()
+    log = server.log_path.read_text(errors="replace")
+    assert server.proc.returncode != 0
+    assert "PROMETHEUS_MULTIPROC_DIR" in log and str(not_a_dir) in log, log[-3000:]
+
+
+def test_no_remote_code_in_serving_configs():
+    """The model, its config class and the int8 method come from this installed package: no config asks vLLM
+    to run code from a checkpoint directory."""
+    for path in sorted(SERVING_CONFIGS.glob("*.yaml")):
+        settings = yaml.safe_load(path.read_text()) or {}
+        assert not settings.get("trust-remote-code"), f"{path.name} sets trust-remote-code"
