@@ -250,8 +250,8 @@ def main(argv=None) -> int:
             time.sleep(3)  # one more publish + scrape + rule evaluation
             if args.png:
                 from render_panels import render
-                render(prom.api, list(urls), t0, time.time(), args.png, args.site, f"{args.threshold:g}")
-                print(f"wrote {args.png}")
+                empty = render(prom.api, list(urls), t0, time.time(), args.png, args.site, f"{args.threshold:g}")
+                print(f"wrote {args.png}" + (f"; panels without data: {empty}" if empty else ""))
             if args.keep:
                 print("running; Ctrl-C stops", flush=True)
                 while True:

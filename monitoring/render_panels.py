@@ -81,7 +81,8 @@ def draw_distribution(ax, api, queries, values, start, end):
 
 
 def render(api: PromAPI, models: list[str], start: float, end: float, out: Path, site: str = "act_out",
-           threshold: str = "6") -> Path:
+           threshold: str = "6") -> list[str]:
+    """Draw KEY_PANELS over [start, end] into ``out``; returns the titles of panels that had no data."""
     by_title: dict[str, list] = {}
     for q in dashboard_queries():
         by_title.setdefault(q.panel, []).append(q)
@@ -92,6 +93,7 @@ def render(api: PromAPI, models: list[str], start: float, end: float, out: Path,
     step = max(1.0, (end - start) / 200)
     cols = 3
     fig, axes = plt.subplots(math.ceil(len(KEY_PANELS) / cols), cols, figsize=(18, 13))
+    empty = []
     for ax, (title, how) in zip(axes.flat, KEY_PANELS):
         queries = by_title[title]
         if how == "lines":
@@ -109,6 +111,7 @@ def render(api: PromAPI, models: list[str], start: float, end: float, out: Path,
             ax.legend(fontsize=6, ncol=2)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes)
+            empty.append(title)
     fig.suptitle(f"NormSwap dashboard, key panels (|x| > {threshold}, site {site}); rendered from Prometheus "
                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(end))}", fontsize=12)
     fig.tight_layout()
@@ -119,7 +122,7 @@ def render(api: PromAPI, models: list[str], start: float, end: float, out: Path,
     from PIL import Image
     with Image.open(out) as img:
         img.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
-    return out
+    return empty
 
 
 def main(argv=None) -> int:
@@ -136,8 +139,8 @@ def main(argv=None) -> int:
     if not models:
         sys.exit("no vllm:num_requests_running series in Prometheus: is it scraping a vLLM server?")
     end = time.time()
-    render(api, models, end - 60 * args.minutes, end, args.out, args.site, args.threshold)
-    print(f"wrote {args.out}")
+    empty = render(api, models, end - 60 * args.minutes, end, args.out, args.site, args.threshold)
+    print(f"wrote {args.out}" + (f"; panels without data: {empty}" if empty else ""))
     return 0
 
 

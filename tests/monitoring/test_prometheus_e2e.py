@@ -6,7 +6,8 @@ started the way the images start it (deploy/entrypoint.py, observer on), traffic
     missing observer or a down server is pending;
   - Prometheus' stored counters equal the server's own /metrics, and the generated-token counter equals what
     the client received (requests x max_tokens, ignore_eos), an independent count;
-  - the whole-run outlier-ratio rule equals outliers / elements computed in Python from /metrics.
+  - the whole-run outlier-ratio rule equals outliers / elements computed in Python from /metrics;
+  - the README's PNG of the key panels renders from this Prometheus with data in every panel.
 One server (ln-gelu, small random checkpoint); about a minute on 2 cores.
 """
 
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "monitoring"))
 from local_stack import Prometheus, free_port, option_server, send_traffic  # noqa: E402
 from promql import dashboard_queries, dashboard_variables, substitute  # noqa: E402
+from render_panels import render  # noqa: E402
 
 from vllm_normswap.ab import metrics as server_metrics  # noqa: E402
 
@@ -137,3 +139,10 @@ def test_prometheus_matches_the_server(stack):
     assert any(v > 0 for v in expected.values()), "no outliers at any threshold: the ratio check is vacuous"
     for key, value in expected.items():
         assert rule[key] == pytest.approx(value, rel=1e-12, abs=0), key
+
+
+def test_key_panels_png(stack, tmp_path):
+    out = tmp_path / "panels.png"
+    empty = render(stack["api"], [OPTION], stack["t0"], stack["t1"], out)
+    assert not empty, f"key panels drawn without data: {empty}"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 20_000 < out.stat().st_size < 300_000
