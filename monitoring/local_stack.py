@@ -230,12 +230,15 @@ def main(argv=None) -> int:
         from vllm_normswap.serve import default_model
         models = {o: default_model(o) for o in args.options}
     observe = {"thresholds": list(THRESHOLDS), "publish_interval_s": 1.0}
+    # random checkpoints have a long position table; a short window keeps their KV cache small. The zoo models'
+    # own window (256) is already short, and a longer --max-model-len would be refused.
+    window = ["--max-model-len", "512"] if args.random else []
     servers, urls = [], {}
     try:
         ncores = os.cpu_count() or 1
         for i, option in enumerate(args.options):  # started one at a time; each gets its own core(s)
             s = option_server(option, models[option], free_port(8300, 8399), args.workdir, observe,
-                              args.probe_shift, ["--max-model-len", "512", *args.vllm_flags],
+                              args.probe_shift, [*window, *args.vllm_flags],
                               cores=core_share(i, len(args.options), ncores))
             servers.append(s)
             s.start().wait_healthy()
