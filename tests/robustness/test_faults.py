@@ -141,6 +141,7 @@ def test_engine_killed_then_clean_restart(checkpoints, tmp_path):
         pytest.xfail("API server exited 0 after its engine died: engine_exit guard not installed by register()")
 
 
+@pytest.mark.slow
 def test_unwritable_prometheus_dir(checkpoints, tmp_path):
     not_a_dir = tmp_path / "prom-is-a-file"
     not_a_dir.write_text("")  # root ignores permission bits: a regular file is unwritable as a directory for anyone
