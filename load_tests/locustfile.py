@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -59,7 +60,9 @@ class _Workload:
         self.records = None
         if opts.records_dir:
             Path(opts.records_dir).mkdir(parents=True, exist_ok=True)
-            self.records = open(Path(opts.records_dir) / f"records-{os.getpid()}.jsonl", "a", buffering=1)
+            # host + pid: containerised workers all run as pid 1 and may share the records volume
+            self.records = open(Path(opts.records_dir) / f"records-{socket.gethostname()}-{os.getpid()}.jsonl", "a",
+                                buffering=1)
 
     def take(self):
         if self.remaining is not None:

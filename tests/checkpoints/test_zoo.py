@@ -44,32 +44,46 @@ def _committed(option):
     return d
 
 
-def _heldout_windows(tokenizer, ctx, n=48):
+def _bar_data(tokenizer, ctx):
+    """Held-out windows from every held-out file, and the training tokens the unigram baseline is fit on."""
     from vllm_normswap.checkpoints.corpus import stdlib_corpus
-    from vllm_normswap.checkpoints.dataset import encode_stream, shuffled_docs, windows
-    from vllm_normswap.checkpoints.zoo import DATA_SEED
+    from vllm_normswap.checkpoints.dataset import encode_stream, shuffled_docs, spread_windows
+    from vllm_normswap.checkpoints.zoo import DATA_SEED, EVAL_WINDOWS_PER_DOC, FULL
 
-    docs = shuffled_docs(stdlib_corpus().heldout, DATA_SEED)
-    return windows(encode_stream(tokenizer, docs, n * ctx + 1), ctx)[:n]
+    corpus = stdlib_corpus()
+    win = spread_windows(tokenizer, shuffled_docs(corpus.heldout, DATA_SEED), ctx, EVAL_WINDOWS_PER_DOC)
+    spec = FULL["spec"]
+    train = encode_stream(tokenizer, shuffled_docs(corpus.train, DATA_SEED),
+                          spec["steps"] * spec["batch_size"] * spec["ctx"] + 1)
+    return win, train.long()
+
+
+@pytest.fixture(scope="module")
+def bar_data():
+    from tokenizers import Tokenizer
+
+    d = _committed("ln-gelu")
+    from vllm_normswap.checkpoints.zoo import FULL
+
+    return _bar_data(Tokenizer.from_file(str(d / "tokenizer.json")), FULL["spec"]["ctx"])
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_committed_zoo_perplexity_bar(option):
-    from tokenizers import Tokenizer
-
+def test_committed_zoo_perplexity_bar(option, bar_data):
+    """Held-out perplexity at least 5x below a unigram language model of the same tokenizer fit on the training
+    tokens (add-1/2 smoothing) and scored on the same held-out tokens."""
     from vllm_normswap.checkpoints.io import load_reference
 
-    d = _committed(option)
-    model = load_reference(d)
-    win = _heldout_windows(Tokenizer.from_file(str(d / "tokenizer.json")), model.arch.max_position_embeddings)
+    model = load_reference(_committed(option))
+    win, train = bar_data
     with torch.no_grad():
         logits = torch.cat([model(win[i:i + 8, :-1]) for i in range(0, len(win), 8)])
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1))
-    counts = torch.bincount(win[:, 1:].flatten(), minlength=model.arch.vocab_size).double()
-    p = counts[counts > 0] / counts.sum()
-    unigram_nll = -(p * p.log()).sum()
+    counts = torch.bincount(train, minlength=model.arch.vocab_size).double() + 0.5
+    unigram_nll = -(counts / counts.sum()).log()[win[:, 1:].flatten()].mean()
     ratio = float((unigram_nll - nll).exp())
-    print(f"{option}: ppl {nll.exp():.2f}, unigram ppl {unigram_nll.exp():.2f}, ratio {ratio:.2f}")
+    print(f"{option}: ppl {nll.exp():.2f}, unigram ppl {unigram_nll.exp():.2f}, ratio {ratio:.2f} "
+          f"({win.shape[0]} windows)")
     assert ratio >= 5.0
 
 
@@ -84,7 +98,12 @@ def test_committed_zoo_serves_in_vllm(option):
 
     d = _committed(option)
     ref = load_reference(d)
-    win = _heldout_windows(Tokenizer.from_file(str(d / "tokenizer.json")), 128, n=2)
+    from vllm_normswap.checkpoints.corpus import stdlib_corpus
+    from vllm_normswap.checkpoints.dataset import shuffled_docs, spread_windows
+    from vllm_normswap.checkpoints.zoo import DATA_SEED
+
+    docs = shuffled_docs(stdlib_corpus().heldout, DATA_SEED)[:4]
+    win = spread_windows(Tokenizer.from_file(str(d / "tokenizer.json")), docs, 128, per_doc=1)[:2]
     ids = [w.tolist() for w in win]
     got = run_vllm_offline({"model": str(d), "prompts": ids, "max_tokens": 1, "max_model_len": 256})
     vllm_nll = -torch.tensor(got["prompt_logprobs"]).mean()

@@ -42,6 +42,19 @@ def windows(stream: torch.Tensor, ctx: int) -> torch.Tensor:
     return stream.long()[idx]
 
 
+def spread_windows(tokenizer, docs: list[str], ctx: int, per_doc: int = 2) -> torch.Tensor:
+    """Up to ``per_doc`` windows from the start of EVERY document long enough for one: an evaluation set that
+    samples all held-out files, not the first few (one big file would otherwise decide the score)."""
+    out = []
+    for doc in docs:
+        stream = encode_stream(tokenizer, [doc])
+        if stream.numel() > ctx:
+            out.append(windows(stream, ctx)[:per_doc])
+    if not out:
+        raise ValueError(f"no held-out document has {ctx + 1} tokens; give a larger corpus")
+    return torch.cat(out)
+
+
 def batch_order(n_windows: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
     """[steps, batch_size] window indices: seeded permutations, concatenated if the run needs more than one
     pass (epochs)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 DATA_SEED = 1234  # data order, shared by all options
+EVAL_WINDOWS_PER_DOC = 2  # held-out evaluation: this many windows from every held-out file (dataset.spread_windows)
 FORMAT = 2  # bump when the cache layout or training code changes meaning
 
 # shape (GELU width; SwiGLU options get swiglu_width) and schedule of the committed zoo, and of the --quick smoke run
@@ -85,7 +86,7 @@ def build(out: Path = ZOO_DIR, corpus_path=None, quick: bool = False, progress: 
     import torch
 
     from vllm_normswap.checkpoints.corpus import load_corpus
-    from vllm_normswap.checkpoints.dataset import batch_order
+    from vllm_normswap.checkpoints.dataset import batch_order, shuffled_docs, spread_windows
     from vllm_normswap.checkpoints.evaluate import evaluate, residual_mean_profile, token_byte_lengths
     from vllm_normswap.checkpoints.io import load_reference, save_checkpoint
     from vllm_normswap.checkpoints.random_init import make_arch
@@ -104,6 +105,7 @@ def build(out: Path = ZOO_DIR, corpus_path=None, quick: bool = False, progress: 
     tok, data = _prepare(plan, corpus, cache, log)
     order = batch_order(data["train"].shape[0], spec.batch_size, spec.steps, DATA_SEED)
     byte_lengths = token_byte_lengths(tok)
+    eval_windows = spread_windows(tok, shuffled_docs(corpus.heldout, DATA_SEED), spec.ctx, EVAL_WINDOWS_PER_DOC)
     summary = {"corpus": corpus.describe(), "train_tokens": spec.tokens, "spec": dataclasses.asdict(spec),
                "shape": plan["shape"], "options": {}}
     for option in options or OPTIONS:
@@ -121,7 +123,7 @@ def build(out: Path = ZOO_DIR, corpus_path=None, quick: bool = False, progress: 
         dst = save_checkpoint(out / option, arch, result["tensors"])
         save_hf_tokenizer(tok, dst)
         model = load_reference(dst)  # score the bf16 weights actually written, not the fp32 masters
-        metrics = evaluate(model, data["heldout"], byte_lengths)
+        metrics = evaluate(model, eval_windows, byte_lengths, data["train"][:, :-1])
         losses = result["log"]["losses"]
         row = {"option": option, "parameters": parameter_count(arch), "intermediate_size": arch.intermediate_size,
                **metrics, "train_seconds": round(result["log"]["seconds"], 1),
@@ -132,7 +134,8 @@ def build(out: Path = ZOO_DIR, corpus_path=None, quick: bool = False, progress: 
         (dst / "zoo.json").write_text(json.dumps(row, indent=1) + "\n")
         summary["options"][option] = {k: v for k, v in row.items() if k not in ("loss_curve_every_10",
                                                                                "residual_profile")}
-        log(f"{option}: ppl {metrics['ppl']} (unigram {metrics['unigram_ppl']}, x{metrics['ppl_ratio']}), "
+        log(f"{option}: ppl {metrics['ppl']} (unigram {metrics['unigram_ppl']}, x{metrics['ppl_ratio']}; "
+            f"held-out's own unigram {metrics['oracle_unigram_ppl']}, x{metrics['oracle_ppl_ratio']}), "
             f"{metrics['bits_per_byte']} bits/byte")
     out.mkdir(parents=True, exist_ok=True)
     (out / "zoo.json").write_text(json.dumps(summary, indent=1) + "\n")
