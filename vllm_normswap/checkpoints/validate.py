@@ -185,7 +185,8 @@ def preflight(model_dir, arch: NormSwapArch, config: dict | None = None) -> list
              for name, (_, shape, file) in sorted(found.items())
              if name in expected and tuple(shape) != expected[name][0]]
     bad_dtype = [f"{name} is {dtype} (expected {'/'.join(sorted(expected[name][1]))})"
-                 for name, (dtype, _, _) in sorted(found.items()) if name in expected and dtype not in expected[name][1]]
+                 for name, (dtype, _, _) in sorted(found.items())
+                 if name in expected and dtype not in expected[name][1]]
     problems = []
     what = "int8 (compressed-tensors W8A16) " if layout else ""
     if missing:

@@ -159,8 +159,9 @@ class NormSwapForCausalLM(nn.Module, SupportsQuant):
         """Load checkpoint tensors (names: ``config.tensor_shapes``), checking each full-precision tensor's shape
         and that none is missing; errors name the tensor. Before the first tensor is read, ``checkpoints/validate.py``
         checks the directory (safetensors only, headers intact, names/shapes/int8 layout) and names every problem
-        with its fix; each tensor's values are checked as it streams through (no NaN/Inf). A quantized checkpoint stores ``X.weight`` as
-        ``X.weight_<suffix>`` tensors (packed values, scales) that go to the parameters its method created."""
+        with its fix; each tensor's values are checked as it streams through (no NaN/Inf). A quantized checkpoint
+        stores ``X.weight`` as ``X.weight_<suffix>`` tensors (packed values, scales) that go to the parameters its
+        method created."""
         _preflight(self.arch)
         expected = tensor_shapes(self.arch)
         stacked = _STACKED_GATED if self.arch.gated else _STACKED
