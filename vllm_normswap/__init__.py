@@ -31,3 +31,7 @@ def register() -> None:
 
     register_quantization()
     register_metrics_bridge()
+
+    from vllm_normswap.engine_exit import install_if_api_server
+
+    install_if_api_server()  # vLLM 0.32 exits 0 when its engine dies; make that exit 1 (API server only)

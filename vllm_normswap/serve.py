@@ -144,8 +144,15 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     overrides = {"probe_shift": args.probe_shift} if args.probe_shift else None
     extra = args.passthrough
-    argv = server_argv(args.option, args.model or default_model(args.option), args.port, args.host, args.int8,
-                       overrides, extra, args.config)
+    model = args.model or default_model(args.option)
+    from vllm_normswap.checkpoints.validate import check_model_path
+    from vllm_normswap.options import ConfigError
+
+    try:
+        check_model_path(model)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    argv = server_argv(args.option, model, args.port, args.host, args.int8, overrides, extra, args.config)
     if args.print_command:
         print(" ".join(argv))
         return 0

@@ -117,8 +117,6 @@ def test_server_refuses(case: Case, checkpoints, tmp_path):
                                 "seconds": round(time.monotonic() - t0, 1), "message": message}) + "\n")
 
 
-@pytest.mark.xfail(reason="needs serve.run to call validate.check_model_path (diff proposed to the serve.py owner)",
-                   strict=False)
 def test_cli_missing_checkpoint_dir(tmp_path):
     """`normswap serve --model DIR` with a DIR that does not exist stops before vLLM starts (vLLM itself would
     read the path as a hub repo id and say "Repo id must be in the form ..."). --print-command: no server."""

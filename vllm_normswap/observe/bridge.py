@@ -39,12 +39,28 @@ def register_metrics_bridge() -> None:
         atexit.register(shutil.rmtree, path, True)
         operator_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if operator_dir:
+            check_writable_dir(operator_dir)
             remove_stale_files(operator_dir)
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import REGISTRY
         from prometheus_client.multiprocess import MultiProcessCollector
 
         MultiProcessCollector(REGISTRY, path=path)
+
+
+def check_writable_dir(directory: str) -> None:
+    """PROMETHEUS_MULTIPROC_DIR must be a writable directory before vLLM starts; otherwise prometheus_client fails
+    later, inside a worker, with a bare PermissionError."""
+    probe = os.path.join(directory, f".normswap-write-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise RuntimeError(
+            f"PROMETHEUS_MULTIPROC_DIR={directory!r} is not a writable directory ({err.strerror}); create it with "
+            "write permission for the server's user (mkdir -p DIR && chmod u+w DIR), or unset "
+            "PROMETHEUS_MULTIPROC_DIR to let vLLM use its own temporary directory") from None
 
 
 def remove_stale_files(directory: str) -> list[str]:
