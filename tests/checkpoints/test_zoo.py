@@ -88,8 +88,7 @@ def test_committed_zoo_perplexity_bar(option, bar_data):
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("option", [o if o in ("ln-gelu", "rms-swiglu") else pytest.param(o, marks=pytest.mark.slow)
-                                    for o in OPTIONS])  # the two corners in CI; the model code is parity-tested
+@pytest.mark.parametrize("option", list(OPTIONS))
 def test_committed_zoo_serves_in_vllm(option):
     """vLLM bf16 prompt logprobs on held-out text agree with the reference (mean NLL within 0.05 nats)."""
     from tokenizers import Tokenizer
