@@ -7,7 +7,7 @@ import torch
 
 import pytest
 
-from vllm_normswap.observe.site_stats import SiteLayout, accumulate, decode
+from vllm_normswap.observe.site_stats import SiteLayout, accumulate, accumulate_host, decode
 
 THRESHOLDS = (0.5, 1.0, 2.5)
 EDGES = {"mean": torch.tensor([-0.5, 0.0, 0.5]), "std": torch.tensor([0.5, 1.0, 2.0]),
@@ -18,14 +18,21 @@ def layout(stats=("mean", "std")):
     return SiteLayout(THRESHOLDS, {s: len(EDGES[s]) for s in stats})
 
 
-@pytest.mark.parametrize("sparse_rows", [False, True])
-def test_counts_absmax_and_histograms_match_direct_counting(sparse_rows):
+def _accumulate(path: str, state, lay, x) -> None:
+    if path == "host":  # the NumPy path the model uses on CPU
+        accumulate_host(state, lay, x, EDGES)
+    else:
+        accumulate(state, lay, x, EDGES, sparse_rows=path == "sparse")
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse", "host"])
+def test_counts_absmax_and_histograms_match_direct_counting(path):
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(n, 24, generator=g) * 1.3 + 0.2 for n in (5, 1, 9)]
-    lay = layout()
+    lay = layout(("mean", "std", "absmax"))
     state = torch.zeros(lay.size, dtype=torch.float64)
     for x in xs:
-        accumulate(state, lay, x.to(torch.bfloat16), EDGES, sparse_rows=sparse_rows)
+        _accumulate(path, state, lay, x.to(torch.bfloat16))
     got = decode(state, lay)
     allx = torch.cat(xs).to(torch.bfloat16).float()
     assert got["elements"] == allx.numel()
@@ -33,7 +40,7 @@ def test_counts_absmax_and_histograms_match_direct_counting(sparse_rows):
         assert got["outliers"][tau] == int((allx.abs() > tau).sum())
     assert got["absmax"] == float(allx.abs().max())
     mean, std = allx.mean(-1), allx.std(-1, correction=0)
-    for stat, v in (("mean", mean), ("std", std)):
+    for stat, v in (("mean", mean), ("std", std), ("absmax", allx.abs().amax(-1))):
         buckets, total = got["hist"][stat]
         lower = torch.cat([torch.tensor([-float("inf")]), EDGES[stat]])
         upper = torch.cat([EDGES[stat], torch.tensor([float("inf")])])

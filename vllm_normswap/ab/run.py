@@ -3,6 +3,7 @@
 Per server: start, wait for /health, scrape /metrics, quality eval (prompt logprobs of the held-out documents),
 scrape again (the observer's counts for exactly those tokens, identical across options), locust load test,
 scrape, stop; the server log is kept. A server or eval that fails is recorded in results.json and the run goes on.
+Servers start in groups (--parallel-starts, 2 on CPU): start-up overlaps, measurement never does.
 Probe: for each option, bf16 servers with probe_shift = c for each c of --probe-shifts (c = 0 is the plain bf16
 run), scoring the same documents: token means at norm_in/norm_out and act_out outliers as c grows.
 """
@@ -13,6 +14,7 @@ import datetime as dt
 import json
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -49,7 +51,10 @@ def add_arguments(p) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--compiled", action="store_true",
                    help="let vLLM compile (default: --enforce-eager, ~50 s less per server start on CPU)")
-    p.add_argument("--port", type=int, default=8200)
+    p.add_argument("--port", type=int, default=8200, help="first port; servers started together use the next ones")
+    p.add_argument("--parallel-starts", type=int, default=0,
+                   help="servers started together, then measured one at a time (default: 2 on CPU with >= 12 GB "
+                        "free memory, 1 with a GPU, where each server claims most of its memory)")
     p.add_argument("--out", default="runs", help="parent directory of runs/<timestamp>/")
     p.epilog = "Further vLLM server flags go after --, e.g.  -- --device cuda --gpu-memory-utilization 0.5"
 
@@ -77,6 +82,15 @@ def _checkpoints(args) -> dict[str, str]:
         raise SystemExit(f"the embedded zoo has no checkpoint for {', '.join(missing)} (looked in "
                          f"{paths[missing[0]].parent}); run `normswap zoo build` or pass --option ID=PATH")
     return {o: str(p) for o, p in paths.items()}
+
+
+def default_parallel_starts() -> int:
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
+    return 2 if psutil.virtual_memory().available >= 12 * 2**30 else 1
 
 
 def _floats(text: str) -> list[float]:
@@ -155,25 +169,58 @@ class Runner:
             raise RuntimeError(f"locust produced no requests (exit {proc.returncode}); see {d / 'locust.log'}")
         return summary
 
-    def server_run(self, spec: ServerSpec, load: bool, noise: bool) -> dict:
-        rec = {"name": spec.name, "option": spec.option, "precision": spec.precision,
-               "probe_shift": spec.probe_shift, "checkpoint": spec.model}
-        t = time.monotonic()
+    def server_runs(self, group: list[tuple[ServerSpec, bool, bool]]) -> list[dict]:
+        """Start the servers of ``group`` together (vLLM's start-up is mostly single-threaded imports in three
+        processes, so starts overlap well), then measure them one at a time: while one is measured the others
+        sit idle and healthy, so load numbers are not shared with another server's work."""
+        started = []
+        for i, (spec, _, _) in enumerate(group):
+            rec = {"name": spec.name, "option": spec.option, "precision": spec.precision,
+                   "probe_shift": spec.probe_shift, "checkpoint": spec.model, "started_with": len(group)}
+            try:
+                run = ServerRun(spec, self.port + i, self.dir / "logs")
+                rec["command"] = run.argv
+                rec["log"] = str(run.log.relative_to(self.dir))
+                run.start()
+            except Exception as e:
+                run = None
+                self._failed(rec, e)
+            started.append((rec, run, time.monotonic()))
+        def wait(run):  # all of the group at once, so each startup_s is its own
+            try:
+                return run.wait() if run is not None else None
+            except Exception as e:
+                return e
+
+        with ThreadPoolExecutor(len(group)) as pool:
+            ready = list(pool.map(wait, [run for _, run, _ in started]))
+        out = []
         try:
-            run = ServerRun(spec, self.port, self.dir / "logs")
-            rec["command"] = run.argv
-            rec["log"] = str(run.log.relative_to(self.dir))
-            with run as url:
-                rec["startup_s"] = run.startup_s
-                rec.update(self.measure(url, spec.name, load, noise))
-            rec["status"] = "ok" if "quality_error" not in rec and "load_error" not in rec else "partial"
-        except Exception as e:
-            rec["status"] = "failed"
-            causes = _log_errors(self.dir / rec["log"]) if "log" in rec else []
-            rec["error"] = "; ".join(causes) + (" | " if causes else "") + f"{type(e).__name__}: {e}"[-1500:]
-            rec["traceback"] = traceback.format_exc()[-3000:]
-        rec["wall_s"] = time.monotonic() - t
-        return rec
+            for (spec, load, noise), (rec, run, t), url in zip(group, started, ready):
+                if run is not None:
+                    try:
+                        if isinstance(url, Exception):
+                            raise url
+                        rec["startup_s"] = run.startup_s
+                        rec.update(self.measure(url, spec.name, load, noise))
+                        rec["status"] = "ok" if "quality_error" not in rec and "load_error" not in rec else "partial"
+                    except Exception as e:
+                        self._failed(rec, e)
+                    finally:
+                        run.stop()
+                rec["wall_s"] = time.monotonic() - t
+                out.append(rec)
+        finally:
+            for _, run, _ in started:
+                if run is not None:
+                    run.stop()
+        return out
+
+    def _failed(self, rec: dict, e: BaseException) -> None:
+        rec["status"] = "failed"
+        causes = _log_errors(self.dir / rec["log"]) if "log" in rec else []
+        rec["error"] = "; ".join(causes) + (" | " if causes else "") + f"{type(e).__name__}: {e}"[-1500:]
+        rec["traceback"] = traceback.format_exc()[-3000:]
 
 
 def _log_errors(log: Path, limit: int = 4) -> list[str]:
@@ -259,12 +306,17 @@ def run(args) -> int:
                  for o, path in ckpts.items() for p in precisions]
         specs += [(ServerSpec(o, path, "bf16", c, layers, extra=runner.extra), False, False)
                   for o, path in ckpts.items() for c in _floats(args.probe_shifts)]
-        bar = tqdm(specs, desc="normswap ab", unit="server")
-        for spec, load, noise in bar:
-            bar.set_postfix_str(spec.name)
-            runs.append(runner.server_run(spec, load, noise))
-            tqdm.write(f"{spec.name}: {runs[-1]['status']} in {runs[-1]['wall_s']:.0f}s"
-                       + (f" ({runs[-1]['error'][:200]})" if runs[-1].get("error") else ""))
+        together = args.parallel_starts or default_parallel_starts()
+        bar = tqdm(total=len(specs), desc="normswap ab", unit="server")
+        for i in range(0, len(specs), together):
+            group = specs[i:i + together]
+            bar.set_postfix_str(" + ".join(spec.name for spec, _, _ in group))
+            for rec in runner.server_runs(group):
+                runs.append(rec)
+                bar.update(1)
+                tqdm.write(f"{rec['name']}: {rec['status']} in {rec['wall_s']:.0f}s"
+                           + (f" ({rec['error'][:200]})" if rec.get("error") else ""))
+        bar.close()
     if not args.url and runner.doc_ids:
         results_probe = probe_reference(args, ckpts, runner.doc_ids, layers)
     else:

@@ -65,16 +65,26 @@ class ServerRun:
         self.server = VLLMServer(self.argv, self.log, startup_timeout=startup_timeout)
         self.startup_s = None
 
-    def __enter__(self) -> str:
-        t = time.monotonic()
+    def start(self) -> "ServerRun":
+        self._t = time.monotonic()
         self.server.start()
+        return self
+
+    def wait(self) -> str:
+        """The URL once /health answers; ``startup_s`` counts from start() (polled every 0.5 s)."""
         try:
             self.server.wait_healthy()
         except BaseException:
             self.server.stop()
             raise
-        self.startup_s = time.monotonic() - t
+        self.startup_s = time.monotonic() - self._t
         return self.server.url
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         self.server.stop()
+
+    def __enter__(self) -> str:
+        return self.start().wait()
+
+    def __exit__(self, *exc):
+        self.stop()

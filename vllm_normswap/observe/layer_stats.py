@@ -32,7 +32,7 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_normswap.observe.config import HF_KEY, SHARDED_SITES, TOKEN_HIST_SITES, ObserverConfig
-from vllm_normswap.observe.site_stats import SiteLayout, accumulate
+from vllm_normswap.observe.site_stats import SiteLayout, accumulate, accumulate_host
 
 LIVE: dict[str, "LayerStats"] = {}  # op key -> module, for the custom op and the publisher (one model/process)
 
@@ -84,8 +84,11 @@ class LayerStats(nn.Module):
                 return
             sample_every = 1
         edges = {stat: getattr(self, f"edges_{stat}") for stat in self.layouts[site].token_stats}
-        accumulate(state, self.layouts[site], x.detach(), edges, valid, token_absmax, sample_every,
-                   sparse_rows=x.device.type == "cpu")
+        if x.device.type == "cpu" and valid is None and sample_every == 1:  # NumPy on the buffer: fewer ops
+            accumulate_host(state, self.layouts[site], x.detach(), edges, token_absmax)
+        else:
+            accumulate(state, self.layouts[site], x.detach(), edges, valid, token_absmax, sample_every,
+                       sparse_rows=x.device.type == "cpu")
 
 
 def _observe_site(x: torch.Tensor, state: torch.Tensor, token_absmax: torch.Tensor | None, key: str,

@@ -75,16 +75,16 @@ class Publisher(threading.Thread):
     def publish(self, dicts):
         from vllm_normswap.observe.layer_stats import LIVE
 
+        write = self._writer(dicts)
         for stats in list(LIVE.values()):
             for site, layout in stats.layouts.items():
                 state = stats.state(site)
                 snapshot = state.to("cpu", copy=True)
                 state[layout.absmax].zero_()  # start the next absmax interval
-                self.write_site(dicts, str(stats.layer), site, decode(snapshot, layout))
+                self.write_site(write, str(stats.layer), site, decode(snapshot, layout))
 
-    def write_site(self, dicts, layer: str, site: str, values: dict):
+    def write_site(self, write, layer: str, site: str, values: dict):
         labels = (self.model_name, layer, site)
-        write = _writer(dicts)
         write("counter", ELEMENTS, ELEMENTS + "_total", LABELS, labels, values["elements"])
         for tau, count in values["outliers"].items():
             write("counter", OUTLIERS, OUTLIERS + "_total", LABELS + ("threshold",),
@@ -100,9 +100,20 @@ class Publisher(threading.Thread):
             write("histogram", name, name + "_sum", LABELS, labels, total)
 
 
-def _writer(dicts):
-    def write(kind, metric, sample, labelnames, labelvalues, value):
-        key = mmap_key(metric, sample, list(labelnames), list(labelvalues), HELP[metric])
-        dicts[kind].write_value(key, float(value), 0.0)
+    def _writer(self, dicts):
+        """write(kind, metric, sample, labelnames, labelvalues, value): only values that changed since the last
+        publish are written, with each sample's mmap key built once (this thread shares the GIL with the
+        model runner: on a CPU server its cost is taken from decoding)."""
+        keys, last = self.__dict__.setdefault("_keys", {}), self.__dict__.setdefault("_last", {})
 
-    return write
+        def write(kind, metric, sample, labelnames, labelvalues, value):
+            ident = (kind, sample, labelvalues)
+            key = keys.get(ident)
+            if key is None:
+                key = keys[ident] = mmap_key(metric, sample, list(labelnames), list(labelvalues), HELP[metric])
+            value = float(value)
+            if last.get(ident) != value:
+                dicts[kind].write_value(key, value, 0.0)
+                last[ident] = value
+
+        return write
