@@ -51,13 +51,8 @@ def check_against_reference(ckpt, result, prompt_ids):
     assert compared >= total / 2
 
 
-# compiled (torch.compile) is checked in CI for one learned-position and one RoPE
-# variant; the rms-* compiled runs take the same compiled code paths and are `slow` (CI time)
-CASES = [pytest.param(o, m, marks=pytest.mark.slow) if m == "compiled" and o.startswith("rms") else (o, m)
-         for o in OPTION_VARIANTS for m in ("eager", "compiled")]
-
-
-@pytest.mark.parametrize("option,mode", CASES, ids=[f"{o}-{m}" for o in OPTION_VARIANTS for m in ("eager", "compiled")])
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("option", list(OPTION_VARIANTS))
 def test_vllm_matches_reference(checkpoints, option, mode):
     ckpt = checkpoints[option]
     prompt_ids = prompts(512)
