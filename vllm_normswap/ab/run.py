@@ -186,6 +186,7 @@ class Runner:
                 run = None
                 self._failed(rec, e)
             started.append((rec, run, time.monotonic()))
+
         def wait(run):  # all of the group at once, so each startup_s is its own
             try:
                 return run.wait() if run is not None else None

@@ -60,6 +60,8 @@ class Publisher(threading.Thread):
         n = max(1, math.ceil(config.absmax_window_s / config.publish_interval_s))
         self.window: dict[tuple, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=n))
         self.stopped = threading.Event()
+        self._keys: dict[tuple, str] = {}  # sample -> its mmap key, built once
+        self._last: dict[tuple, float] = {}  # sample -> the value last written
 
     def run(self):
         dicts = {kind: MmapedDict(f) for kind, f in self.files.items()}
@@ -104,7 +106,7 @@ class Publisher(threading.Thread):
         """write(kind, metric, sample, labelnames, labelvalues, value): only values that changed since the last
         publish are written, with each sample's mmap key built once (this thread shares the GIL with the
         model runner: on a CPU server its cost is taken from decoding)."""
-        keys, last = self.__dict__.setdefault("_keys", {}), self.__dict__.setdefault("_last", {})
+        keys, last = self._keys, self._last
 
         def write(kind, metric, sample, labelnames, labelvalues, value):
             ident = (kind, sample, labelvalues)
