@@ -32,7 +32,7 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_normswap.observe.config import HF_KEY, SHARDED_SITES, TOKEN_HIST_SITES, ObserverConfig
-from vllm_normswap.observe.site_stats import SiteLayout, accumulate, accumulate_host
+from vllm_normswap.observe.site_stats import HostPlan, SiteLayout, accumulate, accumulate_host, host_plan, warm_host_kernel
 
 LIVE: dict[str, "LayerStats"] = {}  # op key -> module, for the custom op and the publisher (one model/process)
 
@@ -53,6 +53,9 @@ class LayerStats(nn.Module):
         for stat, edges in config.buckets.items():
             self.register_buffer(f"edges_{stat}", torch.tensor(edges, dtype=torch.float32), persistent=False)
         self._host_steps = {site: 0 for site in self.recorded}
+        self._edges: dict[str, dict[str, torch.Tensor]] = {}  # per site, built on first use
+        self._plans: dict[str, HostPlan] = {}  # CPU kernel arguments per site, built on first use
+        warm_host_kernel()
 
     def state(self, site: str) -> torch.Tensor:
         return getattr(self, f"state_{site}")
@@ -63,8 +66,12 @@ class LayerStats(nn.Module):
         token_absmax = None
         if site == "act_out" and self.gather_token_absmax:  # every rank joins the collective
             token_absmax = tensor_model_parallel_all_gather(x.abs().amax(-1, keepdim=True).float(), -1).amax(-1)
-        if site in self.recorded:
+        if site not in self.recorded:
+            return
+        if torch.compiler.is_compiling():  # traced: one opaque op in the graph
             torch.ops.normswap.observe_site(x, self.state(site), token_absmax, self.key, site)
+        else:  # eager: the op's body without the dispatcher round trip (~50 us per call on CPU)
+            self.accumulate(site, x, self.state(site), token_absmax)
 
     def accumulate(self, site: str, x: torch.Tensor, state: torch.Tensor, token_absmax: torch.Tensor | None):
         """The body of the custom op (eager code; runs once per call, also in compiled mode)."""
@@ -83,9 +90,14 @@ class LayerStats(nn.Module):
             if step % sample_every:
                 return
             sample_every = 1
-        edges = {stat: getattr(self, f"edges_{stat}") for stat in self.layouts[site].token_stats}
-        if x.device.type == "cpu" and valid is None and sample_every == 1:  # NumPy on the buffer: fewer ops
-            accumulate_host(state, self.layouts[site], x.detach(), edges, token_absmax)
+        edges = self._edges.get(site)
+        if edges is None:  # after the model has moved to its device
+            edges = self._edges[site] = {stat: getattr(self, f"edges_{stat}") for stat in self.layouts[site].token_stats}
+        if x.device.type == "cpu" and valid is None and sample_every == 1:  # one compiled pass on the host
+            plan = self._plans.get(site)
+            if plan is None:
+                plan = self._plans[site] = host_plan(self.layouts[site], edges)
+            accumulate_host(state, self.layouts[site], x, edges, token_absmax, plan)
         else:
             accumulate(state, self.layouts[site], x.detach(), edges, valid, token_absmax, sample_every,
                        sparse_rows=x.device.type == "cpu")

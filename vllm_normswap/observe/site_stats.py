@@ -17,6 +17,8 @@ import functools
 import numpy as np
 import torch
 
+from vllm_normswap.observe import host_kernel
+
 
 @dataclasses.dataclass(frozen=True)
 class SiteLayout:
@@ -76,6 +78,8 @@ def accumulate(state: torch.Tensor, layout: SiteLayout, x: torch.Tensor, edges: 
     """
     x = x.reshape(-1, x.shape[-1])
     n, width = x.shape
+    if n == 0:
+        return
     if valid is not None:
         x = x * valid[:, None].to(x.dtype)  # padded rows become 0: never > tau (tau > 0), never the max
     gate = None
@@ -122,12 +126,68 @@ def accumulate(state: torch.Tensor, layout: SiteLayout, x: torch.Tensor, edges: 
         state[sl.stop].add_((v.double() * weight).sum())
 
 
+@dataclasses.dataclass(frozen=True)
+class HostPlan:
+    """A site's layout and bucket edges as the arrays the CPU kernel takes (built once per site)."""
+    taus: np.ndarray        # float32 [k], in layout order
+    codes: np.ndarray       # int64 [m]: host_kernel.MEAN | STD | ABSMAX per histogram
+    pos: np.ndarray         # int64 [m]: first bucket of histogram m in the state vector
+    edges: np.ndarray       # float32: all histograms' finite edges, concatenated
+    edge_start: np.ndarray  # int64 [m + 1]: histogram m's edges are edges[edge_start[m]:edge_start[m + 1]]
+    absmax_pos: int
+    empty: np.ndarray       # float32 [0]: "no per-token max from other ranks"
+
+
+def host_plan(layout: SiteLayout, edges: dict[str, torch.Tensor]) -> HostPlan:
+    stats = list(layout.token_stats)
+    bounds = [edges[s].detach().float().cpu().numpy() for s in stats]
+    return HostPlan(taus=np.asarray(thresholds_in(torch.float32, layout.thresholds), np.float32),
+                    codes=np.asarray([host_kernel.STAT_CODES[s] for s in stats], np.int64),
+                    pos=np.asarray([layout.hist(s).start for s in stats], np.int64),
+                    edges=np.concatenate(bounds).astype(np.float32) if bounds else np.zeros(0, np.float32),
+                    edge_start=np.cumsum([0] + [len(b) for b in bounds]).astype(np.int64),
+                    absmax_pos=layout.absmax, empty=np.zeros(0, np.float32))
+
+
 def accumulate_host(state: torch.Tensor, layout: SiteLayout, x: torch.Tensor, edges: dict[str, torch.Tensor],
-                    token_absmax: torch.Tensor | None = None) -> None:
-    """``accumulate`` for CPU tensors with every row real and every step counted, in NumPy on the state's own
-    memory. The same statistics from about a dozen array operations instead of about fifty torch ops: on CPU,
-    where decode batches are small, the per-op dispatch cost of the torch path is most of the observer's cost.
-    float32 holds every bf16/fp16 value exactly, so the threshold counts are exact."""
+                    token_absmax: torch.Tensor | None = None, plan: HostPlan | None = None) -> None:
+    """``accumulate`` for CPU tensors with every row real and every step counted, on the state's own memory.
+
+    With Numba (it ships with vLLM) this is one compiled pass over the activations (host_kernel.py); without
+    it, about a dozen NumPy operations. Either way far fewer calls than the torch path: on CPU, where decode
+    batches are small, per-call overhead is most of the observer's cost. float32 holds every bf16/fp16 value
+    exactly, so the threshold counts are exact."""
+    kernel = host_kernel.compiled()
+    if kernel is None:
+        return _accumulate_numpy(state, layout, x, edges, token_absmax)
+    plan = plan or host_plan(layout, edges)
+    if x.requires_grad:
+        x = x.detach()
+    width = x.shape[-1]
+    if x.dtype == torch.bfloat16:  # the kernel widens the bits itself: no float32 copy
+        a, bf16 = x.view(torch.int16).numpy().view(np.uint16), True
+    else:
+        a, bf16 = x.float().numpy(), False
+    a = np.ascontiguousarray(a.reshape(-1, width))
+    ext = token_absmax.float().reshape(-1).numpy() if token_absmax is not None else plan.empty
+    kernel(a, bf16, plan.taus, state.numpy(), plan.absmax_pos, plan.codes, plan.pos, plan.edges, plan.edge_start,
+           ext)
+
+
+@functools.lru_cache(maxsize=None)
+def warm_host_kernel() -> None:
+    """Compile (or load from Numba's cache) the CPU kernel for bf16 and float32 input, once per process, while
+    the model is built: the first request must not wait for a compiler."""
+    if host_kernel.compiled() is None:
+        return
+    layout = SiteLayout((1.0,), {"mean": 1, "std": 1, "absmax": 1})
+    edges = {s: torch.zeros(1) for s in layout.token_stats}
+    for dtype in (torch.bfloat16, torch.float32):
+        accumulate_host(torch.zeros(layout.size, dtype=torch.float64), layout, torch.ones(1, 2, dtype=dtype), edges)
+
+
+def _accumulate_numpy(state: torch.Tensor, layout: SiteLayout, x: torch.Tensor, edges: dict[str, torch.Tensor],
+                      token_absmax: torch.Tensor | None = None) -> None:
     st = state.numpy()  # shares memory with the buffer
     a = x.detach().reshape(-1, x.shape[-1]).float().numpy()
     n, width = a.shape
