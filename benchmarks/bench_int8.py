@@ -11,7 +11,11 @@ prompt is really prefilled). Figures:
 - resident weight memory: bytes of the model's parameters and buffers inside the worker;
 - batch-1 breakdown: the step time split into linear layers and LM head (the same kernels timed standalone at
   M=1: vLLM's own CPU bf16 dispatch, resp. our int8 op) and the rest (attention, norms, sampling, scheduler and
-  Python per-step overhead).
+  Python per-step overhead);
+- batch-1 profile (--profile, default on): one more engine per configuration, in-process
+  (VLLM_ENABLE_V1_MULTIPROCESSING=0) so torch.profiler sees the model runner, decoding D tokens at batch 1:
+  per step, the time inside torch ops by kind (int8 GEMV, bf16 GEMM, vLLM's C++ kernels, other aten ops) and
+  the rest of the wall time, i.e. Python and scheduling between ops (the profiler adds a few us per op).
 Default vocab 44032 makes the model just over 1B parameters (untied LM head, full multi-head attention).
 """
 
@@ -77,6 +81,51 @@ def worker(model: str, quant: str | None, eager: bool, decode_tokens: int, prefi
     return out
 
 
+OP_KINDS = (  # (kind, substrings of torch.profiler keys), first match wins
+    ("int8_gemv", ("_weight_int8pack_mm", "normswap_int8_linear")),
+    ("bf16_gemm", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "onednn", "aten::bmm")),
+    ("vllm_kernels", ("_C::", "_C_cpu::", "vllm::")),
+)
+
+
+def profile_worker(model: str, quant: str | None, eager: bool, decode_tokens: int) -> dict:
+    """Batch-1 decode under torch.profiler in an in-process engine: where a step's wall time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, load_format="dummy", dtype="bfloat16", quantization=quant, enforce_eager=eager,
+              skip_tokenizer_init=True, max_model_len=1024, enable_prefix_caching=False, seed=0,
+              max_num_seqs=8, max_num_batched_tokens=512)
+    prompt = [{"prompt_token_ids": [5 + (13 * j) % 1000 for j in range(16)]}]
+
+    def gen(max_tokens: int) -> float:
+        t = time.perf_counter()
+        llm.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        return time.perf_counter() - t
+
+    gen(4)
+    t_pre = min(gen(1) for _ in range(2))
+    plain_step = (gen(1 + decode_tokens) - t_pre) / decode_tokens
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = gen(1 + decode_tokens)
+    kinds = {kind: 0.0 for kind, _ in OP_KINDS} | {"other_ops": 0.0}
+    calls = 0
+    top = []
+    for ev in prof.key_averages():
+        kind = next((k for k, subs in OP_KINDS if any(sub in ev.key for sub in subs)), "other_ops")
+        kinds[kind] += ev.self_cpu_time_total / 1e3
+        calls += ev.count
+        top.append((ev.self_cpu_time_total / 1e3, ev.key, ev.count))
+    steps = 1 + decode_tokens  # the prefill step is in the profile too; its share at batch 1 x 16 tokens is small
+    per_step = {k: v / steps for k, v in kinds.items()}
+    in_ops = sum(per_step.values())
+    return {"quantization": quant or "bf16", "threads": torch.get_num_threads(),
+            "step_ms_unprofiled": plain_step * 1e3, "step_ms_profiled": wall / steps * 1e3,
+            "in_ops_ms": per_step, "outside_ops_ms": wall / steps * 1e3 - in_ops, "op_calls_per_step": calls / steps,
+            "top_ops_ms_per_step": [(key, round(ms / steps, 3), n // steps) for ms, key, n in sorted(top)[::-1][:12]]}
+
+
 # ---------------- kernels timed standalone (same shapes, same kernels as inside vLLM) ----------------
 
 def kernel_ms(cfg: dict, quant: bool, reps: int = 20) -> dict:
@@ -118,6 +167,15 @@ def kernel_ms(cfg: dict, quant: bool, reps: int = 20) -> dict:
             "lm_head_ms": timed(lambda: head(x))}
 
 
+def run_worker(cmd: list[str], env: dict | None = None) -> dict | None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_JSON ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        return None
+    return json.loads(lines[-1].removeprefix("BENCH_JSON "))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=16)
@@ -131,10 +189,17 @@ def main() -> int:
     ap.add_argument("--threads-bind", default=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "all"),
                     help="VLLM_CPU_OMP_THREADS_BIND for the worker; 'all' = every core (vLLM's 'auto' keeps one "
                          "core for the scheduler, i.e. 1 thread on a 2-core box)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="skip the in-process torch.profiler run of batch-1 decode")
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["bf16", "normswap_int8"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker and a.profile_worker:
+        res = profile_worker(a.model, None if a.worker == "bf16" else a.worker, a.eager, a.decode_tokens)
+        print("BENCH_JSON " + json.dumps(res), flush=True)
+        return 0
     if a.worker:
         res = worker(a.model, None if a.worker == "bf16" else a.worker, a.eager, a.decode_tokens, a.prefill_reps)
         print("BENCH_JSON " + json.dumps(res), flush=True)
@@ -151,17 +216,16 @@ def main() -> int:
                               for p in bind.split("|")[0].split(",")))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_config(Path(tmp) / "model", a)
-        runs = {}
+        runs, profiles = {}, {}
         for mode in ("bf16", "normswap_int8"):
             cmd = [sys.executable, __file__, "--worker", mode, "--model", str(Path(tmp) / "model"),
                    "--decode-tokens", str(a.decode_tokens), "--prefill-reps", str(a.prefill_reps)] + (
                       [] if a.compiled else ["--eager"])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_JSON ")]
-            if proc.returncode or not lines:
-                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+            runs[mode] = run_worker(cmd)
+            if a.profile:
+                profiles[mode] = run_worker(cmd + ["--profile-worker"], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+            if runs[mode] is None or (a.profile and profiles[mode] is None):
                 return 1
-            runs[mode] = json.loads(lines[-1].removeprefix("BENCH_JSON "))
 
     embed_bytes = cfg["vocab_size"] * cfg["hidden_size"] * 2  # not read per step (one row per token)
     result = {"model": {"params": param_count(cfg), **{k: cfg[k] for k in (
@@ -177,6 +241,8 @@ def main() -> int:
         r["batch1_breakdown_ms"] = {"step": step_ms, "linear_layers": k["linears_ms"], "lm_head": k["lm_head_ms"],
                                     "other": step_ms - k["linears_ms"] - k["lm_head_ms"],
                                     "linear_per_layer": k["linear_per_layer_ms"]}
+        if mode in profiles:
+            r["batch1_profile"] = profiles[mode]
         result[mode] = r
     b, q = runs["bf16"], runs["normswap_int8"]
     result["int8_over_bf16"] = {

@@ -28,3 +28,36 @@ def test_3d_input_keeps_leading_dims():
     q, scale = quantize(torch.randn(64, 128).to(torch.bfloat16), "channel")
     x = torch.randn(2, 3, 128).to(torch.bfloat16)
     assert cpu_kernel.int8_linear(x, q, scale, None).shape == (2, 3, 64)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_numba_gemv_matches_int8pack_and_reference(rows):
+    """The batch-1 Numba GEMV (forced here for any row count) against float64 and against int8pack: same bf16
+    rounding of the same fp32 dot products, so at most one bf16 step apart."""
+    assert cpu_kernel._gemv_bf16() is not None, "numba ships with vLLM and must import here"
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(300, 520, generator=g) * 0.05).to(torch.bfloat16)
+    q, scale = quantize(w, "channel")
+    x = torch.randn(rows, 520, generator=g).to(torch.bfloat16)
+    got = cpu_kernel.gemv_int8(x, q, scale)
+    want = x.double() @ dequantize(q, scale, torch.float64).t()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 300)
+    assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
+    pack = torch.ops.aten._weight_int8pack_mm(x, q, scale.view(-1))
+    step = pack.double().abs().clamp(min=1e-3) * 2.0 ** -7  # one bf16 ulp (8 significant bits)
+    assert bool(((got.double() - pack.double()).abs() <= step).all())
+
+
+def test_gemv_path_is_taken_only_where_it_applies(monkeypatch):
+    q, scale = quantize(torch.randn(64, 128).to(torch.bfloat16), "channel")
+    one = torch.randn(1, 128).to(torch.bfloat16)
+    monkeypatch.setattr(cpu_kernel, "GEMV", "auto")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert cpu_kernel._use_gemv(one, scale)
+    assert not cpu_kernel._use_gemv(torch.randn(2, 128).to(torch.bfloat16), scale)  # batch > 1: int8pack
+    assert not cpu_kernel._use_gemv(one.float(), scale)  # fp32 activations: int8pack
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not cpu_kernel._use_gemv(one, scale)  # int8pack's parallel loop wins with threads
+    monkeypatch.setattr(cpu_kernel, "GEMV", "int8pack")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert not cpu_kernel._use_gemv(one, scale)

@@ -1,8 +1,9 @@
 """The observer's CPU kernel: one pass over a site's activations, compiled with Numba.
 
 On CPU the device is the host, and decode batches are a few rows: a dozen NumPy or torch operations per site
-cost more in per-call overhead than in arithmetic. This kernel reads each element once (bf16 bits are widened
-in registers, no float32 copy) and updates the site's state vector (site_stats.SiteLayout) in place:
+cost more in per-call overhead than in arithmetic. This kernel reads each activation row from memory once (bf16
+bits are widened into a float32 scratch row that stays in L1; a few vectorised loops then run over it) and
+updates the site's state vector (site_stats.SiteLayout) in place:
 threshold counts, max |x|, and the per-token mean / std / max |x| histograms with their sums. Per-token sums
 are taken in float64. Nothing here allocates per element or touches Python objects, so the GIL is released.
 
@@ -90,6 +91,8 @@ def _site_kernel(x, bf16, taus, state, absmax_pos, codes, pos, edges, edge_start
 
 # reassociation lets LLVM vectorise the reductions; no "nnan": a NaN activation still reaches the max
 _FASTMATH = {"reassoc", "nsz", "contract", "arcp"}
+
+
 @functools.lru_cache(maxsize=None)
 def compiled():
     """The Numba-compiled kernel (loaded from Numba's on-disk cache after the first build), or None."""
@@ -97,4 +100,7 @@ def compiled():
         import numba
     except ImportError:  # numba ships with vLLM; the NumPy path covers its absence
         return None
-    return numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(_site_kernel)
+    try:  # cached next to this file, else in the user's cache dir (NUMBA_CACHE_DIR overrides both)
+        return numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(_site_kernel)
+    except RuntimeError:  # "no locator available": nowhere writable; compile at every start (~2 s)
+        return numba.njit(nogil=True, fastmath=_FASTMATH)(_site_kernel)

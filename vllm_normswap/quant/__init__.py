@@ -3,7 +3,8 @@
 primitives.py  torch-only int8 math (quantize per channel / group / tensor, dequantize, SQNR, int32 packing)
 config.py      the vLLM QuantizationConfig (online vs compressed-tensors checkpoint, which layers)
 linear_method.py  the vLLM linear methods (create weights, quantize or unpack after loading, apply)
-cpu_kernel.py  CPU matmul custom op (int8pack for decode, block-dequantized GEMM for prefill)
+cpu_kernel.py  CPU matmul custom op (Numba GEMV at batch 1 on one thread, int8pack for decode, block-dequantized
+               GEMM for prefill)
 gpu_kernel.py  GPU: vLLM's mixed-precision kernel chooser (Machete/Marlin), untested without a GPU
 """
 
