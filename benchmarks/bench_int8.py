@@ -1,6 +1,6 @@
 """bf16 vs normswap_int8 in vLLM on one Llama-shaped model with dummy weights; prints one JSON object.
 
-    python benchmarks/bench_int8.py [--layers 16 --hidden 2048 --ffn 5632 --vocab 44032] [--compiled]
+    python benchmarks/bench_int8.py [--layers 16 --hidden 2048 --ffn 5632 --vocab 44032] [--compiled] [--lm-head]
 
 Each configuration runs in its own subprocess (one engine each, same settings; prefix caching off so every
 prompt is really prefilled). Figures:
@@ -16,6 +16,7 @@ prompt is really prefilled). Figures:
   (VLLM_ENABLE_V1_MULTIPROCESSING=0) so torch.profiler sees the model runner, decoding D tokens at batch 1:
   per step, the time inside torch ops by kind (int8 GEMV, bf16 GEMM, vLLM's C++ kernels, other aten ops) and
   the rest of the wall time, i.e. Python and scheduling between ops (the profiler adds a few us per op).
+--lm-head adds a third configuration, normswap_int8 with `lm_head: true` (the LM head in int8 too).
 Default vocab 44032 makes the model just over 1B parameters (untied LM head, full multi-head attention).
 """
 
@@ -51,14 +52,29 @@ def param_count(cfg: dict) -> int:
 
 # ---------------- worker: one engine, one configuration ----------------
 
-def worker(model: str, quant: str | None, eager: bool, decode_tokens: int, prefill_reps: int) -> dict:
-    from vllm import LLM, SamplingParams
+MODES = {  # configuration -> (--quantization, hf_overrides)
+    "bf16": (None, None),
+    "normswap_int8": ("normswap_int8", None),
+    "normswap_int8_lm_head": ("normswap_int8", {"quantization_config": {"quant_method": "normswap_int8",
+                                                                        "lm_head": True}}),
+}
+
+
+def make_llm(model: str, mode: str, eager: bool):
+    from vllm import LLM
+
+    quant, overrides = MODES[mode]
+    return LLM(model=model, load_format="dummy", dtype="bfloat16", quantization=quant, hf_overrides=overrides,
+               enforce_eager=eager, skip_tokenizer_init=True, max_model_len=1024, enable_prefix_caching=False,
+               seed=0, max_num_seqs=8, max_num_batched_tokens=512)  # caps the start-up profile run at 512 tokens
+
+
+def worker(model: str, mode: str, eager: bool, decode_tokens: int, prefill_reps: int) -> dict:
+    from vllm import SamplingParams
 
     from vllm_normswap.quant.inspect import weight_bytes
 
-    llm = LLM(model=model, load_format="dummy", dtype="bfloat16", quantization=quant, enforce_eager=eager,
-              skip_tokenizer_init=True, max_model_len=1024, enable_prefix_caching=False, seed=0,
-              max_num_seqs=8, max_num_batched_tokens=512)  # caps the start-up profile run at 512 tokens
+    llm = make_llm(model, mode, eager)
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
 
     def gen(batch: int, prompt_len: int, max_tokens: int, salt: int) -> float:
@@ -70,7 +86,7 @@ def worker(model: str, quant: str | None, eager: bool, decode_tokens: int, prefi
         return time.perf_counter() - t
 
     gen(1, 16, 4, 0)  # warm-up (first-call allocations)
-    out = {"quantization": quant or "bf16"}
+    out = {"quantization": mode}
     for batch, reps in ((1, 2), (8, 1)):
         t_full = min(gen(batch, 16, 1 + decode_tokens, 10 + r) for r in range(reps))
         t_pre = min(gen(batch, 16, 1, 20 + r) for r in range(reps))
@@ -88,15 +104,13 @@ OP_KINDS = (  # (kind, substrings of torch.profiler keys), first match wins
 )
 
 
-def profile_worker(model: str, quant: str | None, eager: bool, decode_tokens: int) -> dict:
+def profile_worker(model: str, mode: str, eager: bool, decode_tokens: int) -> dict:
     """Batch-1 decode under torch.profiler in an in-process engine: where a step's wall time goes."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    llm = LLM(model=model, load_format="dummy", dtype="bfloat16", quantization=quant, enforce_eager=eager,
-              skip_tokenizer_init=True, max_model_len=1024, enable_prefix_caching=False, seed=0,
-              max_num_seqs=8, max_num_batched_tokens=512)
+    llm = make_llm(model, mode, eager)
     prompt = [{"prompt_token_ids": [5 + (13 * j) % 1000 for j in range(16)]}]
 
     def gen(max_tokens: int) -> float:
@@ -120,7 +134,7 @@ def profile_worker(model: str, quant: str | None, eager: bool, decode_tokens: in
     steps = 1 + decode_tokens  # the prefill step is in the profile too; its share at batch 1 x 16 tokens is small
     per_step = {k: v / steps for k, v in kinds.items()}
     in_ops = sum(per_step.values())
-    return {"quantization": quant or "bf16", "threads": torch.get_num_threads(),
+    return {"quantization": mode, "threads": torch.get_num_threads(),
             "step_ms_unprofiled": plain_step * 1e3, "step_ms_profiled": wall / steps * 1e3,
             "in_ops_ms": per_step, "outside_ops_ms": wall / steps * 1e3 - in_ops, "op_calls_per_step": calls / steps,
             "top_ops_ms_per_step": [(key, round(ms / steps, 3), n // steps) for ms, key, n in sorted(top)[::-1][:12]]}
@@ -128,7 +142,7 @@ def profile_worker(model: str, quant: str | None, eager: bool, decode_tokens: in
 
 # ---------------- kernels timed standalone (same shapes, same kernels as inside vLLM) ----------------
 
-def kernel_ms(cfg: dict, quant: bool, reps: int = 20) -> dict:
+def kernel_ms(cfg: dict, quant: bool, int8_head: bool = False, reps: int = 20) -> dict:
     import torch
 
     d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -161,7 +175,7 @@ def kernel_ms(cfg: dict, quant: bool, reps: int = 20) -> dict:
         fn = (int8_linear if quant else bf16_linear)(n, k)
         x = torch.randn(1, k).to(torch.bfloat16)
         per_layer[name] = timed(lambda: fn(x))
-    head = bf16_linear(v, d)  # the LM head stays bf16 in both configurations
+    head = (int8_linear if int8_head else bf16_linear)(v, d)
     x = torch.randn(1, d).to(torch.bfloat16)
     return {"linear_per_layer_ms": per_layer, "linears_ms": cfg["num_hidden_layers"] * sum(per_layer.values()),
             "lm_head_ms": timed(lambda: head(x))}
@@ -189,19 +203,21 @@ def main() -> int:
     ap.add_argument("--threads-bind", default=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "all"),
                     help="VLLM_CPU_OMP_THREADS_BIND for the worker; 'all' = every core (vLLM's 'auto' keeps one "
                          "core for the scheduler, i.e. 1 thread on a 2-core box)")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="also run normswap_int8 with lm_head: true (the LM head in int8 too)")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the in-process torch.profiler run of batch-1 decode")
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["bf16", "normswap_int8"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker and a.profile_worker:
-        res = profile_worker(a.model, None if a.worker == "bf16" else a.worker, a.eager, a.decode_tokens)
+        res = profile_worker(a.model, a.worker, a.eager, a.decode_tokens)
         print("BENCH_JSON " + json.dumps(res), flush=True)
         return 0
     if a.worker:
-        res = worker(a.model, None if a.worker == "bf16" else a.worker, a.eager, a.decode_tokens, a.prefill_reps)
+        res = worker(a.model, a.worker, a.eager, a.decode_tokens, a.prefill_reps)
         print("BENCH_JSON " + json.dumps(res), flush=True)
         return 0
 
@@ -217,7 +233,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_config(Path(tmp) / "model", a)
         runs, profiles = {}, {}
-        for mode in ("bf16", "normswap_int8"):
+        for mode in ("bf16", "normswap_int8") + (("normswap_int8_lm_head",) if a.lm_head else ()):
             cmd = [sys.executable, __file__, "--worker", mode, "--model", str(Path(tmp) / "model"),
                    "--decode-tokens", str(a.decode_tokens), "--prefill-reps", str(a.prefill_reps)] + (
                       [] if a.compiled else ["--eager"])
@@ -236,7 +252,7 @@ def main() -> int:
         r["bytes_per_decode_step"] = step_bytes
         r["roofline_tok_s_batch1"] = READ_BW / step_bytes
         r["roofline_fraction_batch1"] = r["decode_tok_s_batch1"] / r["roofline_tok_s_batch1"]
-        k = kernel_ms(cfg, quant=mode != "bf16")
+        k = kernel_ms(cfg, quant=mode != "bf16", int8_head=mode == "normswap_int8_lm_head")
         step_ms = 1e3 / r["decode_tok_s_batch1"]
         r["batch1_breakdown_ms"] = {"step": step_ms, "linear_layers": k["linears_ms"], "lm_head": k["lm_head_ms"],
                                     "other": step_ms - k["linears_ms"] - k["lm_head_ms"],
@@ -244,12 +260,14 @@ def main() -> int:
         if mode in profiles:
             r["batch1_profile"] = profiles[mode]
         result[mode] = r
-    b, q = runs["bf16"], runs["normswap_int8"]
-    result["int8_over_bf16"] = {
-        "decode_batch1": q["decode_tok_s_batch1"] / b["decode_tok_s_batch1"],
-        "decode_batch8": q["decode_tok_s_batch8"] / b["decode_tok_s_batch8"],
-        "prefill_512": q["prefill_tok_s_512"] / b["prefill_tok_s_512"],
-        "weight_bytes": q["weight_bytes"] / b["weight_bytes"]}
+    b = runs["bf16"]
+    for mode, key in (("normswap_int8", "int8_over_bf16"), ("normswap_int8_lm_head", "int8_lm_head_over_bf16")):
+        if mode in runs:
+            q = runs[mode]
+            result[key] = {"decode_batch1": q["decode_tok_s_batch1"] / b["decode_tok_s_batch1"],
+                           "decode_batch8": q["decode_tok_s_batch8"] / b["decode_tok_s_batch8"],
+                           "prefill_512": q["prefill_tok_s_512"] / b["prefill_tok_s_512"],
+                           "weight_bytes": q["weight_bytes"] / b["weight_bytes"]}
     result["goals"] = {"decode_batch1_ratio": 1.8, "prefill_ratio": 0.9, "weight_bytes_ratio": 0.5,
                        "llama_cpp_q8_0_decode_tok_s_batch1": "25-27 (0.95B, same box, from environment notes)"}
     print(json.dumps(result, indent=2))

@@ -1,6 +1,6 @@
 """Run several vLLM configurations of tiny checkpoints one after another in ONE fresh process (one engine start
 each, no interpreter/vLLM re-import per run) and save, per run, the full-vocabulary prompt log-probabilities,
-greedy continuations and (optionally) the int8 weights + scales of every normswap_int8 layer.
+greedy continuations (each prompt alone: reproducible batches) and (optionally) the int8 weights + scales of every normswap_int8 layer.
 
     python tests/quant/int8_runner.py SPECS_JSON OUT.pt
 SPECS: [{"model": dir, "prompts": [[ids]], "quantization": null | "normswap_int8", "hf_overrides": {...},
@@ -53,6 +53,11 @@ if __name__ == "__main__":
                     row[tok] = lp.logprob
                 rows.append(row)
             result["prompt_logprobs"].append(torch.stack(rows))
+        # greedy text one prompt at a time: in a batch, which requests share a step depends on when the engine
+        # process receives them, and a row's rounding depends on the kernel its batch size picks (M = 1: GEMV)
+        greedy = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, ignore_eos=True)
+        for ids in spec["prompts"]:
+            out = llm.generate([{"prompt_token_ids": ids}], greedy, use_tqdm=False)[0]
             result["greedy"].append(list(out.outputs[0].token_ids))
         if spec.get("dump_int8"):
             files = llm.apply_model(functools.partial(save_int8_state, path=f"{sys.argv[2]}.{len(results)}"))

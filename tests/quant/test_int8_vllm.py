@@ -3,6 +3,7 @@
 - quality: mean KL(bf16 || int8) of the full next-token distributions over the prompt < KL_MAX nats/token;
 - every vLLM linear layer is int8, and holds exactly quantize() of the checkpoint tensors (independent: computed
   here from the safetensors file with the torch-only primitives, shards concatenated by the test);
+- `lm_head: true`: the LM head too is int8 (quantize() of the checkpoint tensor), within the same KL bar;
 - offline checkpoint (`normswap quantize`) == online result, bit for bit, for channel, group and tensor;
 - tensor parallel 2: the int8 weights re-assembled from both ranks equal TP 1's bit for bit, greedy text equal;
 - misconfiguration fails at load with a message naming the problem.
@@ -75,10 +76,13 @@ def llama_runs(llama):
         specs.append({"model": str(llama["src"]), "prompts": p, "quantization": "normswap_int8",
                       "hf_overrides": online(g), "dump_int8": True})
         specs.append({"model": str(llama["offline"][g]), "prompts": p, "dump_int8": True})
+    specs.append({"model": str(llama["src"]), "prompts": p, "quantization": "normswap_int8", "dump_int8": True,
+                  "hf_overrides": {"quantization_config": {"quant_method": "normswap_int8", "lm_head": True}}})
     results, _ = run_int8(specs, llama["root"] / "runs.pt")
     bf16 = results[0]
-    return {"bf16": bf16, **{g: {"online": results[1 + 2 * i], "offline": results[2 + 2 * i]}
-                             for i, g in enumerate(("channel", "group", "tensor"))}}
+    return {"bf16": bf16, "lm_head": results[7],
+            **{g: {"online": results[1 + 2 * i], "offline": results[2 + 2 * i]}
+               for i, g in enumerate(("channel", "group", "tensor"))}}
 
 
 @pytest.mark.parametrize("granularity", ["channel", "group"])
@@ -142,6 +146,25 @@ def test_resident_weights_shrink(llama_runs):
     assert int8 < 0.8 * bf16
 
 
+def test_int8_lm_head(llama, llama_runs):
+    """`lm_head: true`: the head holds quantize() of the checkpoint's lm_head.weight per channel, the logits come
+    from it (the distributions move off the linear-only int8 run), and the KL bar still holds."""
+    tensors = load_file(str(llama["src"] / "model.safetensors"))
+    state = llama_runs["lm_head"]["int8"][0]
+    assert state["int8_layers"] == state["linear_layers"] + 1
+    q, s = state["layers"]["lm_head"]
+    q_ref, s_ref = quantize(tensors["lm_head.weight"], "channel")
+    assert q.dtype == torch.int8 and torch.equal(q[: len(q_ref)], q_ref) and torch.equal(s[: len(s_ref)], s_ref)
+    linear_only = llama_runs["channel"]["online"]["prompt_logprobs"]
+    with_head = llama_runs["lm_head"]["prompt_logprobs"]
+    assert any(not torch.equal(a, b) for a, b in zip(linear_only, with_head)), "the int8 head was not used"
+    kl = mean_kl(llama_runs["bf16"]["prompt_logprobs"], with_head)
+    print(f"Llama channel + int8 LM head: mean KL(bf16 || int8) = {kl:.2e} nats/token")
+    assert kl < KL_MAX
+    bf16_bytes, head_bytes = llama_runs["bf16"]["int8"][0]["param_bytes"], state["param_bytes"]
+    assert head_bytes < llama_runs["channel"]["online"]["int8"][0]["param_bytes"] < bf16_bytes
+
+
 # ---- tensor parallel ----
 
 def _unshard(rank_states, name, widths, row_parallel):
@@ -202,9 +225,12 @@ def test_misconfiguration_fails_at_load_with_clear_message(llama, tmp_path):
          "hf_overrides": {"quantization_config": {"quant_method": "normswap_int8", "granularity": "group",
                                                   "group_size": 96}}},
         {"model": str(bad_ckpt), "prompts": p, "expect_failure": True},
+        {"model": src, "prompts": p, "quantization": "normswap_int8", "expect_failure": True,
+         "hf_overrides": {"quantization_config": {"quant_method": "normswap_int8", "lm_head": "yes"}}},
     ]
     results, stderr = run_int8(specs, tmp_path / "bad.pt")
     text = stderr + "\n".join(r.get("failed", "") for r in results)
     assert "unknown granularity 'row'; allowed: channel, group, tensor" in text
     assert "group_size 96 does not divide the layer input size 256" in text
     assert "weight_scale has shape" in text and "the scales do not match the weights" in text
+    assert "lm_head must be true or false, got 'yes'" in text

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import torch
 
-_METHODS = ("OnlineInt8LinearMethod", "CheckpointInt8LinearMethod")
+_METHODS = ("OnlineInt8LinearMethod", "CheckpointInt8LinearMethod", "Int8LMHeadMethod")
 
 
 def int8_state(model: torch.nn.Module) -> dict:
     """{"layers": {module name: (int8 weight, scale)}, "param_bytes": resident bytes of all parameters and
-    buffers, "int8_layers": count, "linear_layers": count of vLLM linear layers}."""
+    buffers, "int8_layers": count (linear layers and an int8 LM head), "linear_layers": count of vLLM linear layers}."""
     from vllm.model_executor.layers.linear import LinearBase
 
     layers, linear = {}, 0
     for name, module in model.named_modules():
         if isinstance(module, LinearBase):
             linear += 1
-        if type(getattr(module, "quant_method", None)).__name__ in _METHODS:
+        if (type(getattr(module, "quant_method", None)).__name__ in _METHODS
+                and module.weight.dtype == torch.int8):  # an LM head tied to the embeddings stays bf16
             layers[name] = (module.weight.detach().clone(), module.weight_scale.detach().clone())
     return {"layers": layers, "param_bytes": weight_bytes(model), "int8_layers": len(layers),
             "linear_layers": linear}

@@ -4,6 +4,9 @@ Both end in the same layer state, so an offline checkpoint reproduces the online
   CPU: `weight` int8 [N, K] + `weight_scale` [N, 1] | [N, K/G] in the model dtype -> cpu_kernel.int8_linear
   GPU: compressed-tensors parameters handed to vLLM's mixed-precision kernel (gpu_kernel.py, untested here)
 
+LM head (`lm_head: true`, CPU): Int8LMHeadMethod keeps vLLM's bf16 loading and quantizes per output channel after
+loading; a head tied to the embedding table stays bf16 (the table is read as an embedding too).
+
 Tensor parallel: vLLM's weight loaders shard the weight (column: output rows; row: input columns; merged
 qkv / gate_up: per logical shard). Scales follow the unsharded tensor: a per-channel amax reduces over the input
 dim, so on a row-parallel layer it is all-reduced (max) over the TP group; per-tensor amax is taken per logical
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.utils.quant_utils import amax_for_tp_weight_quant
+from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 from vllm.model_executor.model_loader.reload.layerwise import initialize_online_processing
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
@@ -34,6 +39,8 @@ from vllm_normswap.quant.primitives import (
     scales_from_absmax,
     unpack_int32_to_int8,
 )
+
+logger = init_logger(__name__)
 
 
 class _Int8LinearMethod(LinearMethodBase):
@@ -197,3 +204,43 @@ class CheckpointInt8LinearMethod(_Int8LinearMethod):
                                    f"layer has {layer.normswap_input_size}")
         q = unpack_int32_to_int8(layer.weight_packed.data, layer.input_size_per_partition)
         self._install(layer, q, scale.clone())
+
+
+class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
+    """Untied ParallelLMHead in int8 (CPU): loaded in bf16 like the stock head, quantized per output (vocab) row
+    after loading, applied with the same CPU op as the linear layers. Vocab-parallel sharding splits the rows,
+    so per-row scales need no communication. The head is a few hundred MB at most: the bf16 copy held while
+    loading is not the whole model."""
+
+    def __init__(self, quant_config, prefix: str):
+        self.quant_config = quant_config
+        self.prefix = prefix
+        self.tied = False
+
+    def tie_weights(self, layer, embed_tokens):
+        self.tied = True  # the table is also read by the embedding lookup: it stays in the model dtype
+        return super().tie_weights(layer, embed_tokens)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.tied:
+            logger.warning("normswap_int8: lm_head: true ignored for %s: it is tied to the embedding table",
+                           self.prefix)
+            return super().process_weights_after_loading(layer)
+        if layer.weight.dtype == torch.int8:
+            return  # already processed
+        weight = layer.weight.data
+        scale = scales_from_absmax(absmax(weight, "channel"), weight.dtype)
+        q = quantize_with_scales(weight, scale)
+        del layer._parameters["weight"]
+        layer.register_parameter("weight", torch.nn.Parameter(q.contiguous(), requires_grad=False))
+        layer.register_parameter("weight_scale", torch.nn.Parameter(scale.contiguous(), requires_grad=False))
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.tied:
+            return super().apply(layer, x, bias)
+        from vllm_normswap.quant.cpu_kernel import apply_int8_linear
+
+        return apply_int8_linear(x, layer.weight, layer.weight_scale, bias)
+
+    def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"normswap_int8: {self.prefix} is an int8 LM head, not an embedding table")
