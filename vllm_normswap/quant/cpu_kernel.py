@@ -16,6 +16,13 @@ such a CPU vLLM's own bf16 linear cannot build its oneDNN matmul and falls back 
   run a dense GEMM per block. The block GEMM runs in bf16 where the CPU has native bf16 dot products
   (AVX512-BF16/AMX, where vLLM's bf16 oneDNN path is fast, so we must be too; not measured here), else in fp32
   (MKL sgemm): at M=512 on [11264 x 2048] 216 ms vs 1206 ms for bf16 F.linear and 450 ms for int8pack.
+
+On a CPU with AVX512-BF16 (2-core AMD EPYC, one thread, [11264 x 2048], weights cycled through more than L3)
+vLLM's bf16 linear is oneDNN with prepacked weights and native bf16 dot products, and the picture changes:
+  M=1: Numba GEMV 1.22 ms, int8pack 2.52, vLLM bf16 2.99   M=8: int8pack 6.7, block dequant 11.4, bf16 3.06
+  M=64: block dequant 24.0, int8pack 53, bf16 14.6          M=512: block dequant 122, bf16 107
+Only batch-1 decode wins there. Beyond it int8 needs a kernel that widens int8 to bf16 in registers and feeds
+the bf16 dot-product instructions (vdpbf16ps / AMX), which neither torch nor Numba can emit: a C++ op.
 """
 
 from __future__ import annotations
@@ -26,8 +33,6 @@ import os
 import numpy as np
 import torch
 
-# Row count up to which the int8pack GEMV-style kernel wins; override for experiments.
-DECODE_MAX_ROWS = int(os.environ.get("NORMSWAP_INT8_DECODE_MAX_ROWS", "64"))
 # Dequantized block: ~2 MiB of fp32 so it stays in L2 while the GEMM streams activations over it.
 _BLOCK_BYTES = 2 << 20
 
@@ -37,6 +42,9 @@ def _native_bf16() -> bool:
 
 
 _PREFILL_DTYPE = torch.bfloat16 if _native_bf16() else torch.float32
+# Row count up to which the int8pack GEMV-style kernel wins (measured on [11264 x 2048], one thread): 64 where
+# the block GEMM runs in fp32; 16 where it runs in bf16 (M=64: 24 ms vs int8pack 53 ms). Override for experiments.
+DECODE_MAX_ROWS = int(os.environ.get("NORMSWAP_INT8_DECODE_MAX_ROWS", "16" if _native_bf16() else "64"))
 GEMV = os.environ.get("NORMSWAP_INT8_GEMV", "auto")  # auto | numba | int8pack
 
 

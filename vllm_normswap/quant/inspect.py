@@ -25,7 +25,12 @@ def int8_state(model: torch.nn.Module) -> dict:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Resident bytes of parameters + persistent buffers (each storage counted once: tied weights share one)."""
+    """Resident bytes of parameters + persistent buffers (each storage counted once: tied weights share one),
+    plus the bf16/fp16 weights that vLLM's CPU GEMM dispatch moved out of the module: on CPUs with native bf16
+    dot products (AVX512-BF16, AMX) it prepacks an unquantized linear layer's weight into a oneDNN or SGL
+    buffer and leaves an empty `weight`; those count at their unpacked size, output x input x dtype size."""
+    from vllm.model_executor.layers.linear import LinearBase
+
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
@@ -33,6 +38,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
             continue
         seen.add(key)
         total += t.untyped_storage().nbytes() if t.device.type != "meta" else 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, LinearBase) and hasattr(module, "cpu_linear") and weight is not None \
+                and weight.numel() == 0:
+            rows = getattr(module, "output_size_per_partition", module.output_size)
+            cols = getattr(module, "input_size_per_partition", module.input_size)
+            total += rows * cols * weight.element_size()
     return total
 
 
