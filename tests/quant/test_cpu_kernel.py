@@ -30,15 +30,29 @@ def test_3d_input_keeps_leading_dims():
     assert cpu_kernel.int8_linear(x, q, scale, None).shape == (2, 3, 64)
 
 
+@pytest.mark.parametrize("k", [8, 40, 136, 520])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_input_size_not_multiple_of_32(k, rows):
+    """Odd input sizes (a TP shard can have one) must not reach torch's int8pack kernel, which reads out of bounds
+    there on AVX-512 CPUs: every path against float64."""
+    g = torch.Generator().manual_seed(k * 10 + rows)
+    q, scale = quantize((torch.randn(96, k, generator=g) * 0.05).to(torch.bfloat16), "channel")
+    for _ in range(5):  # out-of-bounds reads show up as garbage in some calls only
+        x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+        want = x.double() @ dequantize(q, scale, torch.float64).t()
+        got = cpu_kernel.int8_linear(x, q, scale, None)
+        assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_numba_gemv_matches_int8pack_and_reference(rows):
     """The batch-1 Numba GEMV (forced here for any row count) against float64 and against int8pack: same bf16
     rounding of the same fp32 dot products, so at most one bf16 step apart."""
     assert cpu_kernel._gemv_bf16() is not None, "numba ships with vLLM and must import here"
     g = torch.Generator().manual_seed(rows)
-    w = (torch.randn(300, 520, generator=g) * 0.05).to(torch.bfloat16)
+    w = (torch.randn(300, 544, generator=g) * 0.05).to(torch.bfloat16)  # int8pack needs K % 32 == 0
     q, scale = quantize(w, "channel")
-    x = torch.randn(rows, 520, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 544, generator=g).to(torch.bfloat16)
     got = cpu_kernel.gemv_int8(x, q, scale)
     want = x.double() @ dequantize(q, scale, torch.float64).t()
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 300)

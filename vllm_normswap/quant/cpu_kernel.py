@@ -42,6 +42,10 @@ def _native_bf16() -> bool:
 
 
 _PREFILL_DTYPE = torch.bfloat16 if _native_bf16() else torch.float32
+# torch's int8pack CPU kernel reads past the end of the row when K is not a multiple of its block: on an AVX-512
+# CPU (torch 2.13) K = 8, 40, 100, 136, 520 gave garbage or a segfault, multiples of 16 were exact. Other K take
+# the block-dequantize path, which is right for any shape.
+INT8PACK_K_MULTIPLE = 32
 # Row count up to which the int8pack GEMV-style kernel wins (measured on [11264 x 2048], one thread): 64 where
 # the block GEMM runs in fp32; 16 where it runs in bf16 (M=64: 24 ms vs int8pack 53 ms). Override for experiments.
 DECODE_MAX_ROWS = int(os.environ.get("NORMSWAP_INT8_DECODE_MAX_ROWS", "16" if _native_bf16() else "64"))
@@ -126,7 +130,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     x2 = x.reshape(-1, k)
     if _use_gemv(x2, scale):
         y = gemv_int8(x2, weight, scale)
-    elif scale.shape[1] == 1 and x2.shape[0] <= DECODE_MAX_ROWS:
+    elif scale.shape[1] == 1 and x2.shape[0] <= DECODE_MAX_ROWS and k % INT8PACK_K_MULTIPLE == 0:
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight, scale.view(-1))
     else:
         y = dequant_block_mm(x2, weight, scale)
