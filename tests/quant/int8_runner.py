@@ -1,6 +1,7 @@
 """Run several vLLM configurations of tiny checkpoints one after another in ONE fresh process (one engine start
 each, no interpreter/vLLM re-import per run) and save, per run, the full-vocabulary prompt log-probabilities,
-greedy continuations (each prompt alone: reproducible batches) and (optionally) the int8 weights + scales of every normswap_int8 layer.
+greedy continuations (each prompt alone: reproducible batches) with their top-2 logprobs, and (optionally) the int8
+weights + scales of every normswap_int8 layer.
 
     python tests/quant/int8_runner.py SPECS_JSON OUT.pt
 SPECS: [{"model": dir, "prompts": [[ids]], "quantization": null | "normswap_int8", "hf_overrides": {...},
@@ -55,10 +56,13 @@ if __name__ == "__main__":
             result["prompt_logprobs"].append(torch.stack(rows))
         # greedy text one prompt at a time: in a batch, which requests share a step depends on when the engine
         # process receives them, and a row's rounding depends on the kernel its batch size picks (M = 1: GEMV)
-        greedy = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, ignore_eos=True)
+        greedy = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, ignore_eos=True, logprobs=2)
+        result["greedy_top2"] = []  # per step: the two largest logprobs (how close the greedy choice was)
         for ids in spec["prompts"]:
-            out = llm.generate([{"prompt_token_ids": ids}], greedy, use_tqdm=False)[0]
-            result["greedy"].append(list(out.outputs[0].token_ids))
+            out = llm.generate([{"prompt_token_ids": ids}], greedy, use_tqdm=False)[0].outputs[0]
+            result["greedy"].append(list(out.token_ids))
+            result["greedy_top2"].append([sorted((lp.logprob for lp in step.values()), reverse=True)[:2]
+                                          for step in out.logprobs])
         if spec.get("dump_int8"):
             files = llm.apply_model(functools.partial(save_int8_state, path=f"{sys.argv[2]}.{len(results)}"))
             result["int8"] = [torch.load(f, weights_only=False) for f in sorted(files)]  # one per TP rank
@@ -67,3 +71,5 @@ if __name__ == "__main__":
         gc.collect()
     torch.save(results, sys.argv[2])
     print("RUNNER_DONE", flush=True)
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: vLLM 0.32's CPU engine sometimes aborts in it (tests/vllm_offline.py)

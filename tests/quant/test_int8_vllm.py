@@ -5,7 +5,8 @@
   here from the safetensors file with the torch-only primitives, shards concatenated by the test);
 - `lm_head: true`: the LM head too is int8 (quantize() of the checkpoint tensor), within the same KL bar;
 - offline checkpoint (`normswap quantize`) == online result, bit for bit, for channel, group and tensor;
-- tensor parallel 2: the int8 weights re-assembled from both ranks equal TP 1's bit for bit, greedy text equal;
+- tensor parallel 2: the int8 weights re-assembled from both ranks equal TP 1's bit for bit; distributions within
+  KL_MAX / 10; greedy text equal up to a divergence at a near-tie;
 - misconfiguration fails at load with a message naming the problem.
 
 vLLM runs happen in a few subprocesses (tests/quant/int8_runner.py), several engines per process.
@@ -33,6 +34,7 @@ from vllm_normswap.quant.primitives import quantize
 KL_MAX = 0.01  # nats/token, issue acceptance (per-channel and per-group)
 RUNNER = Path(__file__).with_name("int8_runner.py")
 GROUP = 64
+TIE_MARGIN = 0.05  # logprob gap under which a different greedy pick is rounding, not a bug (the parity tolerance)
 
 
 def prompts(n=3, vocab=512, seed=0):
@@ -204,7 +206,16 @@ def test_tp2_equals_tp1(llama_runs, tp2_runs, granularity):
             q, s = _unshard(tp2["int8"], name, widths, row_parallel)
             assert torch.equal(q, tp1["int8"][0]["layers"][name][0]), f"{name}: TP2 int8 weights differ"
             assert torch.equal(s, tp1["int8"][0]["layers"][name][1]), f"{name}: TP2 scales differ"
-    assert tp2["greedy"] == tp1["greedy"]
+    # same weights, different reduction order (partial sums all-reduced): the distributions agree closely, and
+    # greedy text is identical up to a divergence that may only happen at a near-tie of TP 1's top two tokens
+    kl = mean_kl(tp1["prompt_logprobs"], tp2["prompt_logprobs"])
+    print(f"TP2 vs TP1 ({granularity}): mean KL {kl:.2e} nats/token")
+    assert kl < KL_MAX / 10
+    for a, b, top2 in zip(tp1["greedy"], tp2["greedy"], tp1["greedy_top2"]):
+        if a != b:
+            k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            margin = top2[k][0] - top2[k][1]
+            assert margin < TIE_MARGIN, f"TP2 diverged at step {k} where TP1's top-2 margin is {margin:.3f}"
 
 
 # ---- misconfiguration ----
