@@ -219,11 +219,11 @@ def main() -> int:
     if a.worker and a.profile_worker:
         res = profile_worker(a.model, a.worker, a.eager, a.decode_tokens)
         print("BENCH_JSON " + json.dumps(res), flush=True)
-        os._exit(0)  # skip teardown: vLLM 0.32's CPU engine sometimes aborts in it after the work is done
+        return 0
     if a.worker:
         res = worker(a.model, a.worker, a.eager, a.decode_tokens, a.prefill_reps)
         print("BENCH_JSON " + json.dumps(res), flush=True)
-        os._exit(0)
+        return 0
 
     import torch
 

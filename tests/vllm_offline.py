@@ -29,6 +29,8 @@ if __name__ == "__main__":
         result["greedy"].append(list(out.outputs[0].token_ids))
     print("RESULT_JSON " + json.dumps(result), flush=True)
     # vLLM 0.32's CPU engine sometimes aborts while the interpreter tears down ("terminate called without an
-    # active exception", SIGABRT) after all the work is done: the result is out, skip the teardown
+    # active exception", SIGABRT) after all the work is done. Stop the engine process (it holds our stdout and
+    # stderr pipes: an orphan would keep the caller waiting), then leave without the teardown.
+    llm.llm_engine.engine_core.shutdown()
     sys.stderr.flush()
     os._exit(0)
