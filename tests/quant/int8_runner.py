@@ -67,13 +67,10 @@ if __name__ == "__main__":
             files = llm.apply_model(functools.partial(save_int8_state, path=f"{sys.argv[2]}.{len(results)}"))
             result["int8"] = [torch.load(f, weights_only=False) for f in sorted(files)]  # one per TP rank
         results.append(result)
-        if spec is specs[-1]:
-            break  # the last engine is shut down below, before leaving without the interpreter teardown
+        llm.llm_engine.engine_core.shutdown()  # stop the engine process now, not at interpreter teardown
         del llm
         gc.collect()
     torch.save(results, sys.argv[2])
     print("RUNNER_DONE", flush=True)
-    if "llm" in locals():  # stop the engine process, then skip the teardown vLLM 0.32 sometimes aborts in
-        llm.llm_engine.engine_core.shutdown()  # (tests/vllm_offline.py)
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(0)  # skip the teardown vLLM 0.32's CPU engine sometimes aborts in (tests/vllm_offline.py)

@@ -35,6 +35,7 @@ from vllm_normswap.quant.primitives import (
     QuantConfigError,
     absmax,
     check_granularity,
+    quantize,
     quantize_with_scales,
     scales_from_absmax,
     unpack_int32_to_int8,
@@ -228,9 +229,7 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
             return super().process_weights_after_loading(layer)
         if layer.weight.dtype == torch.int8:
             return  # already processed
-        weight = layer.weight.data
-        scale = scales_from_absmax(absmax(weight, "channel"), weight.dtype)
-        q = quantize_with_scales(weight, scale)
+        q, scale = quantize(layer.weight.data, "channel")
         del layer._parameters["weight"]
         layer.register_parameter("weight", torch.nn.Parameter(q.contiguous(), requires_grad=False))
         layer.register_parameter("weight_scale", torch.nn.Parameter(scale.contiguous(), requires_grad=False))
