@@ -24,6 +24,7 @@ Default vocab 44032 makes the model just over 1B parameters (untied LM head, ful
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -105,8 +106,20 @@ OP_KINDS = (  # (kind, substrings of torch.profiler keys), first match wins
 )
 
 
+def bind_cpus(bind: str) -> list[int]:
+    """CPU ids of the first rank of a VLLM_CPU_OMP_THREADS_BIND value such as '0', '0-1' or '0,2-3|4-7'."""
+    cpus = []
+    for part in bind.split("|")[0].split(","):
+        lo, _, hi = part.partition("-")
+        cpus += range(int(lo), int(hi or lo) + 1)
+    return cpus
+
+
 def profile_worker(model: str, mode: str, eager: bool, decode_tokens: int) -> dict:
-    """Batch-1 decode under torch.profiler in an in-process engine: where a step's wall time goes."""
+    """Batch-1 decode under torch.profiler in an in-process engine: where a step's wall time goes. vLLM applies
+    VLLM_CPU_OMP_THREADS_BIND only to the worker processes it starts, so this one binds itself the same way (the
+    caller sets OMP_NUM_THREADS): same thread count, hence the same kernel choice, as the timed runs."""
+    os.sched_setaffinity(0, bind_cpus(os.environ["VLLM_CPU_OMP_THREADS_BIND"]))
     import torch
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
@@ -144,16 +157,19 @@ def profile_worker(model: str, mode: str, eager: bool, decode_tokens: int) -> di
 # ---------------- kernels timed standalone (same shapes, same kernels as inside vLLM) ----------------
 
 def kernel_ms(cfg: dict, quant: bool, int8_head: bool = False, reps: int = 20) -> dict:
+    """Each kernel at M=1 on its own, cycling through copies of its weight that together exceed the L3 cache (in
+    the engine every weight comes from memory: a single copy would sit in L3 and flatter the small layers)."""
     import torch
 
     d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     shapes = {"qkv": (3 * d, d), "o": (d, d), "gate_up": (2 * f, d), "down": (d, f)}
 
-    def timed(fn) -> float:
-        fn()
-        t = time.perf_counter()
-        for _ in range(reps):
+    def timed(fns) -> float:
+        for fn in fns:
             fn()
+        t = time.perf_counter()
+        for i in range(reps):
+            fns[i % len(fns)]()
         return (time.perf_counter() - t) / reps * 1e3
 
     def bf16_linear(n: int, k: int):
@@ -171,15 +187,17 @@ def kernel_ms(cfg: dict, quant: bool, int8_head: bool = False, reps: int = 20) -
         q, s = quantize(torch.randn(n, k).to(torch.bfloat16) * 0.02, "channel")
         return lambda x: apply_int8_linear(x, q, s, None)
 
+    def kernels(make, n: int, k: int, bytes_per_weight: int):
+        x = torch.randn(1, k).to(torch.bfloat16)
+        copies = max(2, -(-(128 << 20) // (n * k * bytes_per_weight)))  # > 128 MiB in all
+        return [functools.partial(fn, x) for fn in [make(n, k) for _ in range(copies)]]
+
     per_layer = {}
     for name, (n, k) in shapes.items():
-        fn = (int8_linear if quant else bf16_linear)(n, k)
-        x = torch.randn(1, k).to(torch.bfloat16)
-        per_layer[name] = timed(lambda: fn(x))
-    head = (int8_linear if int8_head else bf16_linear)(v, d)
-    x = torch.randn(1, d).to(torch.bfloat16)
+        per_layer[name] = timed(kernels(int8_linear, n, k, 1) if quant else kernels(bf16_linear, n, k, 2))
+    head = kernels(int8_linear, v, d, 1) if int8_head else kernels(bf16_linear, v, d, 2)
     return {"linear_per_layer_ms": per_layer, "linears_ms": cfg["num_hidden_layers"] * sum(per_layer.values()),
-            "lm_head_ms": timed(lambda: head(x))}
+            "lm_head_ms": timed(head)}
 
 
 def run_worker(cmd: list[str], env: dict | None = None) -> dict | None:
@@ -232,8 +250,8 @@ def main() -> int:
     bind = f"0-{os.cpu_count() - 1}" if a.threads_bind == "all" else a.threads_bind
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
     # the standalone kernel timings of the breakdown use as many threads as the vLLM worker gets
-    torch.set_num_threads(sum(len(range(int(p.split("-")[0]), int(p.split("-")[-1]) + 1))
-                              for p in bind.split("|")[0].split(",")))
+    threads = len(bind_cpus(bind))
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_config(Path(tmp) / "model", a)
         runs, profiles = {}, {}
@@ -253,7 +271,8 @@ def main() -> int:
                     k: max(v, runs[mode][k]) if k.endswith(("_batch1", "_batch8", "_512")) else v
                     for k, v in r.items()}
                 if a.profile and rnd == 0:
-                    profiles[mode] = run_worker(cmd + ["--profile-worker"], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                    profiles[mode] = run_worker(cmd + ["--profile-worker"], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                                                             "OMP_NUM_THREADS": str(threads)})
                     if profiles[mode] is None:
                         return 1
 

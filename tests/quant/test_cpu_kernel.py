@@ -45,17 +45,18 @@ def test_input_size_not_multiple_of_32(k, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_numba_gemv_matches_int8pack_and_reference(rows):
+@pytest.mark.parametrize("n", [300, 301, 3])  # the GEMV deals rows in quarters; 301 and 3 leave rows over
+def test_numba_gemv_matches_int8pack_and_reference(rows, n):
     """The batch-1 Numba GEMV (forced here for any row count) against float64 and against int8pack: same bf16
     rounding of the same fp32 dot products, so at most one bf16 step apart."""
     assert cpu_kernel._gemv_bf16() is not None, "numba ships with vLLM and must import here"
-    g = torch.Generator().manual_seed(rows)
-    w = (torch.randn(300, 544, generator=g) * 0.05).to(torch.bfloat16)  # int8pack needs K % 32 == 0
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    w = (torch.randn(n, 544, generator=g) * 0.05).to(torch.bfloat16)  # int8pack needs K % 32 == 0
     q, scale = quantize(w, "channel")
     x = torch.randn(rows, 544, generator=g).to(torch.bfloat16)
     got = cpu_kernel.gemv_int8(x, q, scale)
     want = x.double() @ dequantize(q, scale, torch.float64).t()
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, 300)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
     pack = torch.ops.aten._weight_int8pack_mm(x, q, scale.view(-1))
     step = pack.double().abs().clamp(min=1e-3) * 2.0 ** -7  # one bf16 ulp (8 significant bits)
@@ -70,8 +71,10 @@ def test_gemv_path_is_taken_only_where_it_applies(monkeypatch):
     assert cpu_kernel._use_gemv(one, scale)
     assert not cpu_kernel._use_gemv(torch.randn(2, 128).to(torch.bfloat16), scale)  # batch > 1: int8pack
     assert not cpu_kernel._use_gemv(one.float(), scale)  # fp32 activations: int8pack
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert not cpu_kernel._use_gemv(one, scale)  # int8pack's parallel loop wins with threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cpu_kernel.GEMV_MAX_THREADS)
+    assert cpu_kernel._use_gemv(one, scale)  # one GEMV thread still beats int8pack on 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cpu_kernel.GEMV_MAX_THREADS + 1)
+    assert not cpu_kernel._use_gemv(one, scale)  # int8pack's parallel loop wins with more threads
     monkeypatch.setattr(cpu_kernel, "GEMV", "int8pack")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert not cpu_kernel._use_gemv(one, scale)

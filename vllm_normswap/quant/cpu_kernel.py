@@ -8,10 +8,11 @@ such a CPU vLLM's own bf16 linear cannot build its oneDNN matmul and falls back 
 - M <= DECODE_MAX_ROWS, per-row scales: `aten._weight_int8pack_mm` reads the int8 weight directly (half the
   bytes of bf16); 1.4-3x faster than bf16 F.linear at M = 1..64 (e.g. [11264 x 2048]: 3.1 vs 4.3 ms at M=1,
   9 vs 25 ms at M=8).
-- M = 1, bf16, one torch thread (vLLM's default on a small box: its CPU worker keeps a core for the scheduler):
-  a Numba GEMV (`_gemv_bf16`) that widens x once and streams the int8 rows; 1.1-1.9x faster than int8pack on
-  one thread ([11264 x 2048]: 2.9 vs 5.3 ms; [2048 x 2048]: 0.27 vs 0.34 ms). With more threads int8pack's
-  parallel loop wins. NORMSWAP_INT8_GEMV=int8pack turns it off.
+- M = 1, bf16, at most GEMV_MAX_THREADS torch threads (one is vLLM's default on a small box: its CPU worker keeps
+  a core for the scheduler): a Numba GEMV (`_gemv_bf16`) that widens x once and streams the int8 rows, four
+  of them at a time; on one thread it reads ~25 GB/s, about what one core can pull from memory ([11264 x 2048]:
+  0.83-0.93 ms vs int8pack 2.4 ms, and vs 1.3 ms for int8pack on two threads). With more threads int8pack's
+  parallel loop should win (not measured: this box has 2 cores). NORMSWAP_INT8_GEMV=int8pack turns it off.
 - otherwise (prefill, or per-group scales): dequantize the weight in row blocks that stay cache-resident and
   run a dense GEMM per block. The block GEMM runs in bf16 where the CPU has native bf16 dot products
   (AVX512-BF16/AMX, where vLLM's bf16 oneDNN path is fast, so we must be too; not measured here), else in fp32
@@ -19,7 +20,7 @@ such a CPU vLLM's own bf16 linear cannot build its oneDNN matmul and falls back 
 
 On a CPU with AVX512-BF16 (2-core AMD EPYC, one thread, [11264 x 2048], weights cycled through more than L3)
 vLLM's bf16 linear is oneDNN with prepacked weights and native bf16 dot products, and the picture changes:
-  M=1: Numba GEMV 1.22 ms, int8pack 2.52, vLLM bf16 2.99   M=8: int8pack 6.7, block dequant 11.4, bf16 3.06
+  M=1: Numba GEMV 0.83-0.93 ms, int8pack 2.52, vLLM bf16 2.99   M=8: int8pack 6.7, block dequant 11.4, bf16 3.06
   M=64: block dequant 24.0, int8pack 53, bf16 14.6          M=512: block dequant 122, bf16 107
 Only batch-1 decode wins there. Beyond it int8 needs a kernel that widens int8 to bf16 in registers and feeds
 the bf16 dot-product instructions (vdpbf16ps / AMX), which neither torch nor Numba can emit: a C++ op.
@@ -50,27 +51,54 @@ INT8PACK_K_MULTIPLE = 32
 # the block GEMM runs in fp32; 16 where it runs in bf16 (M=64: 24 ms vs int8pack 53 ms). Override for experiments.
 DECODE_MAX_ROWS = int(os.environ.get("NORMSWAP_INT8_DECODE_MAX_ROWS", "16" if _native_bf16() else "64"))
 GEMV = os.environ.get("NORMSWAP_INT8_GEMV", "auto")  # auto | numba | int8pack
+# Thread counts up to which the one-thread GEMV beats int8pack's parallel loop (measured on the 2-core box).
+GEMV_MAX_THREADS = int(os.environ.get("NORMSWAP_INT8_GEMV_MAX_THREADS", "2"))
 
 
 def _gemv_bf16_py(xbits, w, scale, out):
     """out[m, n] = bf16(scale[n] * sum_k x[m, k] * w[n, k]); xbits/out: bf16 bit patterns (uint16), w int8,
-    scale float32. fp32 accumulation; the result is rounded to nearest even, as torch rounds to bf16."""
+    scale float32. fp32 accumulation; the result is rounded to nearest even, as torch rounds to bf16.
+
+    One core reads a single sequential stream at ~17 GB/s but four at ~25 (the hardware prefetcher tracks each
+    stream; more misses are in flight). So the rows are dealt in four quarters, n, n+Q, n+2Q, n+3Q, each with its own
+    accumulator in one k loop: [11264 x 2048] 1.1-1.8 ms -> 0.83 ms, [2048 x 5632] 1.1 -> 0.61 ms (one thread,
+    AVX-512 EPYC), bitwise the same results as one row at a time (each row's reduction order is unchanged)."""
     m_rows, k_dim = xbits.shape
     n_dim = w.shape[0]
+    q = n_dim // 4
     xb = np.empty(k_dim, np.uint32)
     xf = xb.view(np.float32)
-    yb = np.empty(1, np.float32)
+    yb = np.empty(4, np.float32)
     ybits = yb.view(np.uint32)
+    rnd, sh, one = np.uint32(0x7FFF), np.uint32(16), np.uint32(1)  # bf16 rounding: (b + rnd + lsb) >> 16
     for m in range(m_rows):
         for k in range(k_dim):
-            xb[k] = np.uint32(xbits[m, k]) << np.uint32(16)
-        for n in range(n_dim):
+            xb[k] = np.uint32(xbits[m, k]) << sh
+        for n in range(q):
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for k in range(k_dim):
+                xk = xf[k]
+                a0 += xk * np.float32(w[n, k])
+                a1 += xk * np.float32(w[n + q, k])
+                a2 += xk * np.float32(w[n + 2 * q, k])
+                a3 += xk * np.float32(w[n + 3 * q, k])
+            yb[0] = a0 * scale[n]
+            yb[1] = a1 * scale[n + q]
+            yb[2] = a2 * scale[n + 2 * q]
+            yb[3] = a3 * scale[n + 3 * q]
+            for i in range(4):
+                b = ybits[i]
+                out[m, n + i * q] = np.uint16((b + rnd + ((b >> sh) & one)) >> sh)
+        for n in range(4 * q, n_dim):  # the n_dim % 4 rows left over
             acc = np.float32(0.0)
             for k in range(k_dim):
                 acc += xf[k] * np.float32(w[n, k])
             yb[0] = acc * scale[n]
             b = ybits[0]
-            out[m, n] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            out[m, n] = np.uint16((b + rnd + ((b >> sh) & one)) >> sh)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,7 +119,7 @@ def _gemv_bf16():
 def _use_gemv(x2: torch.Tensor, scale: torch.Tensor) -> bool:
     if GEMV == "int8pack" or x2.shape[0] != 1 or x2.dtype != torch.bfloat16 or scale.shape[1] != 1:
         return False
-    return (GEMV == "numba" or torch.get_num_threads() == 1) and _gemv_bf16() is not None
+    return (GEMV == "numba" or torch.get_num_threads() <= GEMV_MAX_THREADS) and _gemv_bf16() is not None
 
 
 def gemv_int8(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
