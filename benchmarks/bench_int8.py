@@ -6,7 +6,7 @@
 Each configuration runs in its own subprocess (one engine each, same settings; prefix caching off so every
 prompt is really prefilled). Figures:
 - decode tokens/s at batch 1 and 8: (tokens of a 1+D-token generation minus a 1-token one) / time difference,
-  so prefill is excluded; roofline = READ_BW / bytes read per decode step (all weights except the embedding
+  so prefill is excluded; roofline = read bandwidth / bytes read per decode step (all weights except the embedding
   table, of which a step reads one row per token);
 - prefill tokens/s on 512-token prompts (max_tokens=1);
 - resident weight memory: bytes of the model's parameters and buffers inside the worker;
@@ -33,7 +33,36 @@ import tempfile
 import time
 from pathlib import Path
 
-READ_BW = 48e9  # bytes/s, tensor-sum read bandwidth measured on the 2-core CPU box (environment notes)
+READ_BW = 48e9  # bytes/s, tensor-sum read bandwidth of the whole 2-core CPU box (environment notes)
+
+
+def core_read_bw(mib: int = 512, reps: int = 3) -> float:
+    """Bytes/s one core reads from memory (four streams at once, as the int8 GEMV reads): the roofline that
+    matters for vLLM's default of one worker thread on a small box."""
+    import numba
+    import numpy as np
+
+    @numba.njit(fastmath=True)
+    def read4(a):
+        q = a.size // 4
+        s0 = s1 = s2 = s3 = 0
+        for i in range(q):
+            s0 += a[i]
+            s1 += a[i + q]
+            s2 += a[i + 2 * q]
+            s3 += a[i + 3 * q]
+        return s0 + s1 + s2 + s3
+
+    a = np.ones(mib << 18, np.int32)
+    read4(a[:1024])
+    best = min(seconds(lambda: read4(a)) for _ in range(reps))
+    return a.nbytes / best
+
+
+def seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def write_config(dst: Path, a) -> dict:
@@ -132,25 +161,34 @@ def profile_worker(model: str, mode: str, eager: bool, decode_tokens: int) -> di
         llm.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - t
 
+    def profiled(max_tokens: int) -> tuple[float, dict]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            wall = gen(max_tokens)
+        return wall, {ev.key: (ev.self_cpu_time_total / 1e3, ev.count) for ev in prof.key_averages()}
+
     gen(4)
     t_pre = min(gen(1) for _ in range(2))
     plain_step = (gen(1 + decode_tokens) - t_pre) / decode_tokens
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        wall = gen(1 + decode_tokens)
+    # the decode steps only: a profiled prefill-only request is subtracted op by op (the 16-token prefill is one
+    # M=16 step, which would otherwise weigh in as much as a dozen decode steps)
+    wall_pre, ops_pre = profiled(1)
+    wall, ops = profiled(1 + decode_tokens)
+    steps = decode_tokens
     kinds = {kind: 0.0 for kind, _ in OP_KINDS} | {"other_ops": 0.0}
     calls = 0
     top = []
-    for ev in prof.key_averages():
-        kind = next((k for k, subs in OP_KINDS if any(sub in ev.key for sub in subs)), "other_ops")
-        kinds[kind] += ev.self_cpu_time_total / 1e3
-        calls += ev.count
-        top.append((ev.self_cpu_time_total / 1e3, ev.key, ev.count))
-    steps = 1 + decode_tokens  # the prefill step is in the profile too; its share at batch 1 x 16 tokens is small
+    for key, (ms, n) in ops.items():
+        ms_pre, n_pre = ops_pre.get(key, (0.0, 0))
+        kind = next((k for k, subs in OP_KINDS if any(sub in key for sub in subs)), "other_ops")
+        kinds[kind] += ms - ms_pre
+        calls += n - n_pre
+        top.append((ms - ms_pre, key, n - n_pre))
     per_step = {k: v / steps for k, v in kinds.items()}
     in_ops = sum(per_step.values())
+    step_profiled = (wall - wall_pre) / steps * 1e3
     return {"quantization": mode, "threads": torch.get_num_threads(),
-            "step_ms_unprofiled": plain_step * 1e3, "step_ms_profiled": wall / steps * 1e3,
-            "in_ops_ms": per_step, "outside_ops_ms": wall / steps * 1e3 - in_ops, "op_calls_per_step": calls / steps,
+            "step_ms_unprofiled": plain_step * 1e3, "step_ms_profiled": step_profiled,
+            "in_ops_ms": per_step, "outside_ops_ms": step_profiled - in_ops, "op_calls_per_step": calls / steps,
             "top_ops_ms_per_step": [(key, round(ms / steps, 3), n // steps) for ms, key, n in sorted(top)[::-1][:12]]}
 
 
@@ -276,15 +314,19 @@ def main() -> int:
                     if profiles[mode] is None:
                         return 1
 
+    core_bw = core_read_bw()
     embed_bytes = cfg["vocab_size"] * cfg["hidden_size"] * 2  # not read per step (one row per token)
     result = {"model": {"params": param_count(cfg), **{k: cfg[k] for k in (
         "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")}},
-        "threads_bind": bind, "compiled": a.compiled, "rounds": a.rounds, "read_bw_GBps": READ_BW / 1e9}
+        "threads_bind": bind, "compiled": a.compiled, "rounds": a.rounds, "read_bw_GBps": READ_BW / 1e9,
+        "core_read_bw_GBps": core_bw / 1e9}
     for mode, r in runs.items():
         step_bytes = r["weight_bytes"] - embed_bytes
         r["bytes_per_decode_step"] = step_bytes
         r["roofline_tok_s_batch1"] = READ_BW / step_bytes
         r["roofline_fraction_batch1"] = r["decode_tok_s_batch1"] / r["roofline_tok_s_batch1"]
+        r["core_roofline_tok_s_batch1"] = core_bw / step_bytes  # one core's bandwidth (the default: 1 thread)
+        r["core_roofline_fraction_batch1"] = r["decode_tok_s_batch1"] / r["core_roofline_tok_s_batch1"]
         k = kernel_ms(cfg, quant=mode != "bf16", int8_head=mode == "normswap_int8_lm_head")
         step_ms = 1e3 / r["decode_tok_s_batch1"]
         r["batch1_breakdown_ms"] = {"step": step_ms, "linear_layers": k["linears_ms"], "lm_head": k["lm_head_ms"],
