@@ -10,7 +10,7 @@ from vllm_normswap.quant.primitives import dequantize, quantize
 
 
 @pytest.mark.parametrize("granularity", ["channel", "group"])
-@pytest.mark.parametrize("rows", [1, 7, cpu_kernel.DECODE_MAX_ROWS + 1, 300])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, cpu_kernel.DECODE_MAX_ROWS + 1, 300])
 def test_int8_linear_matches_dequantized_reference(granularity, rows):
     g = torch.Generator().manual_seed(rows)
     w = (torch.randn(384, 512, generator=g) * 0.05).to(torch.bfloat16)
@@ -63,18 +63,53 @@ def test_numba_gemv_matches_int8pack_and_reference(rows, n):
     assert bool(((got.double() - pack.double()).abs() <= step).all())
 
 
-def test_gemv_path_is_taken_only_where_it_applies(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("group_size", [128, 64])
+def test_numba_gemv_per_group_matches_reference(rows, group_size):
+    """Per-group scales in the GEMV (each group's dot product scaled, then summed) against float64."""
+    g = torch.Generator().manual_seed(rows * 100 + group_size)
+    q, scale = quantize((torch.randn(301, 512, generator=g) * 0.05).to(torch.bfloat16), "group", group_size)
+    assert scale.shape == (301, 512 // group_size)
+    x = torch.randn(rows, 512, generator=g).to(torch.bfloat16)
+    got = cpu_kernel.gemv_int8(x, q, scale)
+    want = x.double() @ dequantize(q, scale, torch.float64).t()
+    assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n,k", [(301, 512), (3, 40), (2050, 520)])
+def test_small_batch_kernels_match_reference(rows, n, k):
+    """2..8 rows: fours through mm4, a pair through mm2, a last row through the GEMV; odd N leaves rows over in
+    both kernels' stream split. Against float64, and against the GEMV row by row (same fp32 math, so at most one
+    bf16 step apart)."""
+    g = torch.Generator().manual_seed(rows * 7919 + n + k)
+    q, scale = quantize((torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16), "channel")
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    got = cpu_kernel.small_m_int8(x, q, scale)
+    want = x.double() @ dequantize(q, scale, torch.float64).t()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
+    by_row = torch.cat([cpu_kernel.gemv_int8(x[i:i + 1], q, scale) for i in range(rows)])
+    step = by_row.double().abs().clamp(min=1e-3) * 2.0 ** -7
+    assert bool(((got.double() - by_row.double()).abs() <= step).all())
+
+
+def test_numba_paths_are_taken_only_where_they_apply(monkeypatch):
     q, scale = quantize(torch.randn(64, 128).to(torch.bfloat16), "channel")
     one = torch.randn(1, 128).to(torch.bfloat16)
     monkeypatch.setattr(cpu_kernel, "GEMV", "auto")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert cpu_kernel._use_gemv(one, scale)
-    assert not cpu_kernel._use_gemv(torch.randn(2, 128).to(torch.bfloat16), scale)  # batch > 1: int8pack
+    assert not cpu_kernel._use_gemv(torch.randn(2, 128).to(torch.bfloat16), scale)  # batch > 1: not the GEMV
+    for rows, small in ((2, True), (cpu_kernel.SMALL_M_MAX_ROWS, True), (cpu_kernel.SMALL_M_MAX_ROWS + 1, False)):
+        assert cpu_kernel._use_small_m(torch.randn(rows, 128).to(torch.bfloat16), scale) is small
     assert not cpu_kernel._use_gemv(one.float(), scale)  # fp32 activations: int8pack
+    assert cpu_kernel._use_gemv(one, quantize(torch.randn(64, 128).to(torch.bfloat16), "group", 64)[1])
     monkeypatch.setattr(torch, "get_num_threads", lambda: cpu_kernel.GEMV_MAX_THREADS)
     assert cpu_kernel._use_gemv(one, scale)  # one GEMV thread still beats int8pack on 2
     monkeypatch.setattr(torch, "get_num_threads", lambda: cpu_kernel.GEMV_MAX_THREADS + 1)
     assert not cpu_kernel._use_gemv(one, scale)  # int8pack's parallel loop wins with more threads
+    assert not cpu_kernel._use_small_m(torch.randn(2, 128).to(torch.bfloat16), scale)
     monkeypatch.setattr(cpu_kernel, "GEMV", "int8pack")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert not cpu_kernel._use_gemv(one, scale)
