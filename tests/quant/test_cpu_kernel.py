@@ -24,6 +24,18 @@ def test_int8_linear_matches_dequantized_reference(granularity, rows):
     assert err < 0.02 * want.abs().max().item(), err  # bf16 output rounding (2^-8 relative) plus accumulation
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 300])
+def test_per_tensor_scale_of_one_element(rows):
+    """quantize(w, "tensor") gives one [1, 1] scale (the linear method stores it per row): every path takes it."""
+    g = torch.Generator().manual_seed(rows)
+    q, scale = quantize((torch.randn(301, 128, generator=g) * 0.05).to(torch.bfloat16), "tensor")
+    assert scale.shape == (1, 1)
+    x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)
+    want = x.double() @ dequantize(q, scale, torch.float64).t()
+    got = cpu_kernel.int8_linear(x, q, scale, None)
+    assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
+
+
 def test_3d_input_keeps_leading_dims():
     q, scale = quantize(torch.randn(64, 128).to(torch.bfloat16), "channel")
     x = torch.randn(2, 3, 128).to(torch.bfloat16)
