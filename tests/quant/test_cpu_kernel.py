@@ -119,9 +119,9 @@ def test_numba_paths_are_taken_only_where_they_apply(monkeypatch):
     assert cpu_kernel._use_gemv(one, quantize(torch.randn(64, 128).to(torch.bfloat16), "group", 64)[1])
     monkeypatch.setattr(torch, "get_num_threads", lambda: cpu_kernel.GEMV_MAX_THREADS)
     assert cpu_kernel._use_gemv(one, scale)  # one GEMV thread still beats int8pack on 2
+    assert not cpu_kernel._use_small_m(torch.randn(2, 128).to(torch.bfloat16), scale)  # but not at M >= 2
     monkeypatch.setattr(torch, "get_num_threads", lambda: cpu_kernel.GEMV_MAX_THREADS + 1)
     assert not cpu_kernel._use_gemv(one, scale)  # int8pack's parallel loop wins with more threads
-    assert not cpu_kernel._use_small_m(torch.randn(2, 128).to(torch.bfloat16), scale)
     monkeypatch.setattr(cpu_kernel, "GEMV", "int8pack")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert not cpu_kernel._use_gemv(one, scale)

@@ -10,9 +10,10 @@ Kernel choice, in the order int8_linear tries them (2-core AMD EPYC, torch 2.13,
   ([11264 x 2048]: 0.83-0.93 ms vs int8pack 2.4 ms, and vs 1.3 ms for int8pack on two threads). With more
   threads int8pack's parallel loop should win (not measured: this box has 2 cores). NORMSWAP_INT8_GEMV=int8pack
   turns the Numba kernels off.
-- M = 2..SMALL_M_MAX_ROWS, bf16, per-row scales, the same thread limit: Numba kernels that widen each weight
-  once for four rows (`_mm4_py`) or two (`_mm2_py`); a last odd row takes the GEMV. [11264 x 2048], one thread:
-  M=2 1.5 ms, M=4 2.5, M=8 4.9, vs int8pack 2.7 / 3.3 / 6.5. They are compute-bound (fp32 FMAs).
+- M = 2..SMALL_M_MAX_ROWS, bf16, per-row scales, one torch thread: Numba kernels that widen each weight once
+  for four rows (`_mm4_py`) or two (`_mm2_py`); a last odd row takes the GEMV. [11264 x 2048], one thread:
+  M=2 1.5 ms, M=4 2.5, M=8 4.9, vs int8pack 2.7 / 3.3 / 6.5. They are compute-bound (fp32 FMAs), so on two
+  threads int8pack's parallel loop wins (1.35 / 1.65 / 3.7 ms).
 - M <= DECODE_MAX_ROWS otherwise (more threads, fp16/fp32 activations, 9+ rows), per-row scales:
   `aten._weight_int8pack_mm` reads the int8 weight directly; on an AVX-512 CPU without AVX512-BF16 1.4-3x faster
   than bf16 F.linear at M = 1..64 (e.g. [11264 x 2048]: 9 vs 25 ms at M=8).
@@ -57,7 +58,7 @@ DECODE_MAX_ROWS = int(os.environ.get("NORMSWAP_INT8_DECODE_MAX_ROWS", "16" if _n
 GEMV = os.environ.get("NORMSWAP_INT8_GEMV", "auto")  # auto | numba | int8pack
 # Thread counts up to which the one-thread GEMV beats int8pack's parallel loop (measured on the 2-core box).
 GEMV_MAX_THREADS = int(os.environ.get("NORMSWAP_INT8_GEMV_MAX_THREADS", "2"))
-# 2..SMALL_M_MAX_ROWS rows (small decode batches) take the Numba mm4/mm2 kernels, under the same thread limit.
+# 2..SMALL_M_MAX_ROWS rows (small decode batches) take the Numba mm4/mm2 kernels, on one torch thread only.
 SMALL_M_MAX_ROWS = int(os.environ.get("NORMSWAP_INT8_SMALL_M_MAX_ROWS", "8"))
 
 
@@ -271,7 +272,7 @@ def _use_small_m(x2: torch.Tensor, scale: torch.Tensor) -> bool:
     if GEMV == "int8pack" or not 2 <= x2.shape[0] <= SMALL_M_MAX_ROWS or x2.dtype != torch.bfloat16 \
             or scale.shape[1] != 1:
         return False
-    return torch.get_num_threads() <= GEMV_MAX_THREADS and _small_m() is not None
+    return torch.get_num_threads() == 1 and _small_m() is not None
 
 
 def small_m_int8(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
