@@ -328,7 +328,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     n = weight.shape[0]
     x2 = x.reshape(-1, k)
     if scale.shape[0] != n:  # one per-tensor scale [1, 1] (quantize(w, "tensor")): every kernel indexes it by row
-        scale = scale.expand(n, scale.shape[1])
+        scale = scale.expand(n, scale.shape[1]).contiguous()
     if _use_gemv(x2, scale):
         y = gemv_int8(x2, weight, scale)
     elif _use_small_m(x2, scale):
