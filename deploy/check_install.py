@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     if plugins.get("normswap") != "vllm_normswap:register":
         sys.exit(f"check_install: entry point vllm.general_plugins:normswap missing ({plugins}); "
                  f"pip install -e . from the repository root")
-    from vllm_normswap.options import OPTIONS
+    from vllm_normswap.registry import OPTIONS
 
     commands = {}
     for option in OPTIONS:

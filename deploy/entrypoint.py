@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from vllm_normswap.options import OPTIONS
+from vllm_normswap.registry import OPTIONS
 from vllm_normswap.serve import default_model, server_argv
 
 

@@ -206,7 +206,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
-    from vllm_normswap.options import OPTIONS
+    from vllm_normswap.registry import OPTIONS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))

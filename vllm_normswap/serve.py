@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from vllm_normswap.options import OPTIONS, check_choice
+from vllm_normswap.registry import OPTIONS, check_choice
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVING_CONFIGS = REPO_ROOT / "serving_configs"
@@ -146,7 +146,7 @@ def run(args) -> int:
     extra = args.passthrough
     model = args.model or default_model(args.option)
     from vllm_normswap.checkpoints.validate import check_model_path
-    from vllm_normswap.options import ConfigError
+    from vllm_normswap.registry import ConfigError
 
     try:
         check_model_path(model)

@@ -15,7 +15,7 @@ import torch
 from hf_models import VOCAB, build, hf_logits
 from vllm_normswap.checkpoints.convert import convert
 from vllm_normswap.checkpoints.io import load_reference
-from vllm_normswap.options import ConfigError
+from vllm_normswap.registry import ConfigError
 
 KINDS = ["gpt2", "opt", "llama"]
 

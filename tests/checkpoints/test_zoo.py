@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from vllm_normswap.options import OPTIONS
+from vllm_normswap.registry import OPTIONS
 
 
 def test_quick_build(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vllm_normswap.options import OPTIONS
+from vllm_normswap.registry import OPTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"

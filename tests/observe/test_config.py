@@ -6,7 +6,7 @@ import pytest
 
 from vllm_normswap.observe.bridge import remove_stale_files
 from vllm_normswap.observe.config import ObserverConfig
-from vllm_normswap.options import ConfigError
+from vllm_normswap.registry import ConfigError
 
 
 def test_absent_or_disabled_means_off():

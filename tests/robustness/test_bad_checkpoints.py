@@ -23,7 +23,7 @@ from bad_checkpoints import BY_NAME, CASES, OPTION, Case
 from vllm_normswap.checkpoints.io import load_config
 from vllm_normswap.checkpoints.validate import CheckpointError, check_values, preflight
 from vllm_normswap.model.config import NormSwapArch
-from vllm_normswap.options import ConfigError
+from vllm_normswap.registry import ConfigError
 from vllm_normswap.serve import VLLMServer, server_argv
 
 PORT0 = 8600  # this module's ports: 8600..8619

@@ -1,6 +1,6 @@
 """Scrape /metrics and turn the observer's families into plain dicts; differences between two scrapes.
 
-Families (issue 4, see README 'Activation metrics'):
+Families (vllm_normswap.registry; README 'Activation metrics'):
   normswap_activation_outliers_total{model_name,layer,site,threshold}   counter
   normswap_activation_elements_total{model_name,layer,site}             counter
   normswap_activation_absmax{model_name,layer,site}                     gauge (recent window)
@@ -16,7 +16,9 @@ from collections import defaultdict
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-HISTOGRAMS = ("normswap_token_mean", "normswap_token_std", "normswap_token_absmax")
+from vllm_normswap.registry import ABSMAX, ELEMENTS, OUTLIERS, TOKEN_HISTOGRAMS
+
+HISTOGRAMS = tuple(TOKEN_HISTOGRAMS.values())
 
 
 def scrape(url: str) -> str:
@@ -35,11 +37,11 @@ def parse(text: str) -> dict:
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             lab = s.labels
-            if s.name == "normswap_activation_outliers_total":
+            if s.name == OUTLIERS + "_total":
                 out["outliers"][(int(lab["layer"]), lab["site"], float(lab["threshold"]))] += s.value
-            elif s.name == "normswap_activation_elements_total":
+            elif s.name == ELEMENTS + "_total":
                 out["elements"][(int(lab["layer"]), lab["site"])] += s.value
-            elif s.name == "normswap_activation_absmax":
+            elif s.name == ABSMAX:
                 key = (int(lab["layer"]), lab["site"])
                 out["absmax"][key] = max(out["absmax"].get(key, 0.0), s.value)
             elif fam.name in HISTOGRAMS and "layer" in lab:

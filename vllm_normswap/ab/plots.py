@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from vllm_normswap.ab import metrics  # noqa: E402
+from vllm_normswap.registry import OPTIONS, SITES, TOKEN_HISTOGRAMS  # noqa: E402
 
-SITES = ("norm_in", "norm_out", "act_in", "act_out", "ffn_out")
-COLORS = {"ln-gelu": "tab:blue", "ln-swiglu": "tab:orange", "rms-gelu": "tab:green", "rms-swiglu": "tab:red"}
+COLORS = {o.id: o.color for o in OPTIONS.values()}
 
 
 def _png(fig) -> bytes:
@@ -53,7 +53,7 @@ def token_means(results, analysis) -> bytes | None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
     for ax, site in zip(axes, ("norm_in", "norm_out")):
         for o, r in runs.items():
-            bounds, counts = metrics.hist_pooled(r["observer"], "normswap_token_mean", site)
+            bounds, counts = metrics.hist_pooled(r["observer"], TOKEN_HISTOGRAMS["mean"], site)
             total = sum(counts)
             if total:
                 xs = list(range(len(bounds)))

@@ -12,11 +12,13 @@ import math
 
 import torch
 
+from vllm_normswap.registry import DEFAULT_THRESHOLDS
+
 DEFAULT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @torch.no_grad()
-def reference_curve(checkpoint, docs: list[list[int]], grid=DEFAULT_GRID, thresholds=(3.0, 6.0, 20.0),
+def reference_curve(checkpoint, docs: list[list[int]], grid=DEFAULT_GRID, thresholds=DEFAULT_THRESHOLDS,
                     probe_layers=None) -> list[dict]:
     """Per c: pooled token mean at norm_in / norm_out (mean over tokens and layers, like the server histograms'
     sum/count), act_out outlier rate per threshold, and perplexity."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from vllm_normswap.ab import loadgen, metrics, quality
 from vllm_normswap.ab.servers import ServerRun, ServerSpec
 from vllm_normswap.ab.workload import build_workload
-from vllm_normswap.options import OPTIONS
+from vllm_normswap.registry import OPTIONS
 
 
 def add_arguments(p) -> None:

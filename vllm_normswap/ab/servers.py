@@ -14,9 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from vllm_normswap.registry import DEFAULT_THRESHOLDS
 from vllm_normswap.serve import VLLMServer, serving_config_path, server_argv
 
-OBSERVER_DEFAULT = {"enabled": True, "thresholds": [3.0, 6.0, 20.0]}
+OBSERVER_DEFAULT = {"enabled": True, "thresholds": list(DEFAULT_THRESHOLDS)}
 
 
 @dataclass

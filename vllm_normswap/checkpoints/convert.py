@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vllm_normswap.model.config import NormSwapArch
-from vllm_normswap.options import ConfigError
+from vllm_normswap.registry import ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "generation_config.json")

@@ -11,7 +11,7 @@ import json
 import torch
 
 from vllm_normswap.model.config import NormSwapArch, swiglu_width
-from vllm_normswap.options import OPTIONS, option_fields
+from vllm_normswap.registry import OPTIONS, option_fields
 
 
 def make_arch(option: str, hidden_size=128, layers=2, heads=2, kv_heads=None, gelu_width=None, vocab_size=512,

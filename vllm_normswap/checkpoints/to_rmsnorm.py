@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from vllm_normswap.model.config import NormSwapArch
-from vllm_normswap.options import ConfigError
+from vllm_normswap.registry import ConfigError
 
 
 def center_rows(w: torch.Tensor) -> torch.Tensor:

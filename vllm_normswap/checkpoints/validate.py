@@ -24,7 +24,7 @@ import struct
 from pathlib import Path
 
 from vllm_normswap.model.config import NormSwapArch, tensor_shapes
-from vllm_normswap.options import ConfigError
+from vllm_normswap.registry import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -39,7 +39,7 @@ def cache_root() -> Path:
 
 
 def option_dir(option: str, root: Path = ZOO_DIR) -> Path:
-    from vllm_normswap.options import check_choice, OPTIONS
+    from vllm_normswap.registry import check_choice, OPTIONS
 
     check_choice("option", option, tuple(OPTIONS))
     return root / option
@@ -93,7 +93,7 @@ def build(out: Path = ZOO_DIR, corpus_path=None, quick: bool = False, progress: 
     from vllm_normswap.checkpoints.tokenizer import save_hf_tokenizer
     from vllm_normswap.checkpoints.train import TrainSpec, train
     from vllm_normswap.model.config import parameter_count
-    from vllm_normswap.options import OPTIONS
+    from vllm_normswap.registry import OPTIONS
 
     plan = QUICK if quick else FULL
     spec = TrainSpec(**plan["spec"])

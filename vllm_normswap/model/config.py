@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
-from vllm_normswap.options import (
+from vllm_normswap.registry import (
     EPS_PLACEMENTS,
     OPTIONS,
     FFN_ACTS,
@@ -181,14 +181,13 @@ def parameter_count(arch: NormSwapArch) -> int:
 def parameter_report(arch: NormSwapArch) -> dict[str, dict[str, float]]:
     """Parameter counts of the four options built on ``arch`` (a GELU-width config), with the SwiGLU width rule
     applied, and each option's deviation from the baseline in percent."""
-    from vllm_normswap.options import BASELINE, OPTIONS
+    from vllm_normswap.registry import BASELINE, GATED_ACTS, OPTIONS
 
     out = {}
-    for option, (norm_type, ffn_act) in OPTIONS.items():
-        width = swiglu_width(arch.intermediate_size) if ffn_act == "swiglu" else arch.intermediate_size
+    for option, o in OPTIONS.items():
+        width = swiglu_width(arch.intermediate_size) if o.ffn_act in GATED_ACTS else arch.intermediate_size
         out[option] = {"intermediate_size": width,
-                       "parameters": parameter_count(arch.replace(norm_type=norm_type, ffn_act=ffn_act,
-                                                                  intermediate_size=width))}
+                       "parameters": parameter_count(arch.replace(**o.fields, intermediate_size=width))}
     base = out[BASELINE]["parameters"]
     for row in out.values():
         row["vs_baseline_pct"] = round(100.0 * (row["parameters"] - base) / base, 3)

@@ -16,7 +16,7 @@ from torch import nn
 
 from vllm_normswap.model.config import NormSwapArch, tensor_shapes
 
-SITES = ("norm_in", "norm_out", "act_in", "act_out", "ffn_out")
+from vllm_normswap.registry import SITES  # noqa: F401  (capture keys)
 
 
 def layer_norm(h, alpha, beta, eps, inside):

@@ -33,7 +33,7 @@ from vllm_normswap.checkpoints.validate import check_values, preflight
 from vllm_normswap.model.config import NormSwapArch, tensor_shapes
 from vllm_normswap.model.ffn import make_ffn
 from vllm_normswap.model.norms import make_norm
-from vllm_normswap.options import ConfigError
+from vllm_normswap.registry import ConfigError
 
 from vllm_normswap.observe.layer_stats import make_layer_stats
 

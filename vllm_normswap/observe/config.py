@@ -13,12 +13,9 @@ import dataclasses
 import math
 from typing import Any
 
-from vllm_normswap.options import ConfigError
+from vllm_normswap.registry import DEFAULT_THRESHOLDS, SHARDED_SITES, SITES, TOKEN_HIST_SITES, ConfigError
 
 HF_KEY = "normswap_observe"  # key in the HF config (--hf-overrides) that carries this config
-SITES = ("norm_in", "norm_out", "act_in", "act_out", "ffn_out")  # model.reference.SITES, in forward order
-SHARDED_SITES = ("act_in", "act_out")  # split over tensor-parallel ranks; the other sites are replicated
-TOKEN_HIST_SITES = {"norm_in": ("mean", "std"), "norm_out": ("mean", "std"), "act_out": ("absmax",)}
 
 # Histogram upper bounds (Prometheus `le`), chosen around the case study's regime: token means of a few units,
 # spreads near 1 after a norm, post-activation maxima up to hundreds.
@@ -32,7 +29,7 @@ DEFAULT_BUCKETS = {
 @dataclasses.dataclass(frozen=True)
 class ObserverConfig:
     enabled: bool = True  # false: observer off (same as leaving normswap_observe out)
-    thresholds: tuple[float, ...] = (3.0, 6.0, 20.0)  # count |x| > tau for each; 6.0 is LLM.int8()'s threshold
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # count |x| > tau for each
     sites: tuple[str, ...] = SITES  # which of the five FFN sites to observe
     sample_every: int = 1  # observe one forward step in N (1 = every step)
     layers: tuple[int, ...] | None = None  # decoder layers to observe (None = all)
