@@ -103,7 +103,7 @@ def make_llm(model: str, mode: str, eager: bool):
 def worker(model: str, mode: str, eager: bool, decode_tokens: int, prefill_reps: int) -> dict:
     from vllm import SamplingParams
 
-    from vllm_normswap.quant.inspect import weight_bytes
+    from vllm_normswap.quant.footprint import weight_bytes
 
     llm = make_llm(model, mode, eager)
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
@@ -129,7 +129,7 @@ def worker(model: str, mode: str, eager: bool, decode_tokens: int, prefill_reps:
 
 
 OP_KINDS = (  # (kind, substrings of torch.profiler keys), first match wins
-    ("int8_gemv", ("_weight_int8pack_mm", "normswap_int8_linear")),
+    ("int8_gemv", ("_weight_int8pack_mm", "normswap::int8_linear")),
     ("bf16_gemm", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "onednn", "aten::bmm")),
     ("vllm_kernels", ("_C::", "_C_cpu::", "vllm::")),
 )

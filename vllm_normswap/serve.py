@@ -145,7 +145,7 @@ def run(args) -> int:
     overrides = {"probe_shift": args.probe_shift} if args.probe_shift else None
     extra = args.passthrough
     model = args.model or default_model(args.option)
-    from vllm_normswap.checkpoints.validate import check_model_path
+    from vllm_normswap.model.checkpoint_format import check_model_path
     from vllm_normswap.registry import ConfigError
 
     try:

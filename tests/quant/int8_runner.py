@@ -24,7 +24,7 @@ if __name__ == "__main__":
     import torch
     from vllm import LLM, SamplingParams
 
-    from vllm_normswap.quant.inspect import save_int8_state
+    from vllm_normswap.quant.footprint import save_int8_state
 
     results = []
     for spec in specs:

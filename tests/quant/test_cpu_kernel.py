@@ -18,7 +18,7 @@ def test_int8_linear_matches_dequantized_reference(granularity, rows):
     x = torch.randn(rows, 512, generator=g).to(torch.bfloat16)
     bias = torch.randn(384, generator=g).to(torch.bfloat16)
     want = x.double() @ dequantize(q, scale, torch.float64).t() + bias.double()
-    got = cpu_kernel.apply_int8_linear(x, q, scale, bias)  # through torch.ops.vllm.normswap_int8_linear
+    got = cpu_kernel.apply_int8_linear(x, q, scale, bias)  # through torch.ops.normswap.int8_linear
     assert got.shape == (rows, 384) and got.dtype == torch.bfloat16
     err = (got.double() - want).abs().max().item()
     assert err < 0.02 * want.abs().max().item(), err  # bf16 output rounding (2^-8 relative) plus accumulation

@@ -1,7 +1,7 @@
 """Bad checkpoints and serving configs stop the server before it serves, with a message naming the problem and
 the fix (issue: reliability; foundation acceptance: bad norm_type / missing tensor / wrong shape).
 
-- offline: the pre-flight validator (checkpoints/validate.py) and NormSwapArch on each case, no vLLM;
+- offline: the pre-flight validator (model/checkpoint_format.py) and NormSwapArch on each case, no vLLM;
 - server: one real vLLM start per case (eager): the process must exit non-zero, /health must never answer 200,
   and the log must hold the message. Set NORMSWAP_MESSAGES_OUT=FILE to collect the messages (README table).
 """
@@ -21,7 +21,7 @@ import pytest
 
 from bad_checkpoints import BY_NAME, CASES, OPTION, Case
 from vllm_normswap.checkpoints.io import load_config
-from vllm_normswap.checkpoints.validate import CheckpointError, check_values, preflight
+from vllm_normswap.model.checkpoint_format import CheckpointError, check_values, preflight
 from vllm_normswap.model.config import NormSwapArch
 from vllm_normswap.registry import ConfigError
 from vllm_normswap.serve import VLLMServer, server_argv

@@ -11,6 +11,7 @@ import os
 
 from transformers import AutoConfig, PretrainedConfig
 
+from vllm_normswap.model.checkpoint_format import check_headers
 from vllm_normswap.model.config import MODEL_TYPE, NormSwapArch
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(NormSwapArch) if f.default is not dataclasses.MISSING}
@@ -36,8 +37,6 @@ class NormSwapConfig(PretrainedConfig):
         # a checkpoint directory being loaded (not a bare config): vLLM's API server reads its safetensors headers
         # next (dtype, tied-head probes) and a corrupt one would fail there without naming file or fix
         if self._name_or_path and os.path.isdir(self._name_or_path):
-            from vllm_normswap.checkpoints.validate import check_headers
-
             check_headers(self._name_or_path)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,13 +30,12 @@ from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from vllm_normswap.checkpoints.validate import check_values, preflight
+from vllm_normswap.model.checkpoint_format import check_values, preflight
 from vllm_normswap.model.config import NormSwapArch, tensor_shapes
 from vllm_normswap.model.ffn import make_ffn
 from vllm_normswap.model.norms import make_norm
-from vllm_normswap.registry import ConfigError
-
 from vllm_normswap.observe.layer_stats import make_layer_stats
+from vllm_normswap.registry import ConfigError
 
 
 def _no_observe(site: str, x: torch.Tensor) -> None:
@@ -140,6 +140,7 @@ class NormSwapForCausalLM(nn.Module, SupportsQuant):
         super().__init__()
         self.model = NormSwapModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.arch = arch = self.model.arch
+        self.model_path = vllm_config.model_config.model  # a local directory, or a hub id
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, quant_config=vllm_config.quant_config,
                                       prefix=maybe_prefix(prefix, "lm_head"))
         if arch.tie_word_embeddings:
@@ -157,12 +158,12 @@ class NormSwapForCausalLM(nn.Module, SupportsQuant):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load checkpoint tensors (names: ``config.tensor_shapes``), checking each full-precision tensor's shape
-        and that none is missing; errors name the tensor. Before the first tensor is read, ``checkpoints/validate.py``
+        and that none is missing; errors name the tensor. Before the first tensor is read, ``checkpoint_format.py``
         checks the directory (safetensors only, headers intact, names/shapes/int8 layout) and names every problem
         with its fix; each tensor's values are checked as it streams through (no NaN/Inf). A quantized checkpoint
         stores ``X.weight`` as ``X.weight_<suffix>`` tensors (packed values, scales) that go to the parameters its
         method created."""
-        _preflight(self.arch)
+        _preflight(self.arch, self.model_path)
         expected = tensor_shapes(self.arch)
         stacked = _STACKED_GATED if self.arch.gated else _STACKED
         params = dict(self.named_parameters())
@@ -200,14 +201,10 @@ class NormSwapForCausalLM(nn.Module, SupportsQuant):
         return loaded
 
 
-def _preflight(arch: NormSwapArch) -> None:
+def _preflight(arch: NormSwapArch, model_path: str) -> None:
     """Structural checks of the local checkpoint directory before vLLM's iterator opens a file (a truncated or
     pickle-only checkpoint would otherwise fail deep in a loader, or be unpickled). A hub id (not a local
     directory) is not checked here; the per-tensor checks still apply."""
-    from pathlib import Path
-
-    from vllm.config import get_current_vllm_config
-
-    model = Path(get_current_vllm_config().model_config.model)
+    model = Path(model_path)
     if model.is_dir():
         preflight(model, arch)

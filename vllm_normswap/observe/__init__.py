@@ -3,7 +3,7 @@
 config.py      ObserverConfig: the ``normswap_observe`` hf-override (thresholds, sites, sampling, on/off)
 site_stats.py  torch-only math: one site's counters and histograms as a float64 vector updated in place
 layer_stats.py vLLM glue: LayerStats module per decoder layer, the ``normswap::observe_site`` custom op
-metrics.py     metric names and help texts
+metric_files.py  where the multiprocess files go and how ours are named (metric names: registry.py)
 publisher.py   worker thread: device counters -> Prometheus multiprocess files
 bridge.py      API-server side: those files -> vLLM's /metrics
 """

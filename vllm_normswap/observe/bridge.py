@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 
-from vllm_normswap.observe.metrics import DIR_ENV, FILE_ID
+from vllm_normswap.observe.metric_files import DIR_ENV, FILE_ID
 
 _registered = False
 

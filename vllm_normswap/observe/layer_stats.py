@@ -15,7 +15,8 @@ Tensor parallel: sharded sites (act_in, act_out) are recorded on every rank and 
 replicated sites (norm_in, norm_out, ffn_out) only on rank 0. The per-token max |x| at act_out is taken over the
 full feature axis with one all-gather of a [tokens, 1] tensor per layer.
 
-No prometheus import here: publisher.py reads these buffers from outside the hot path.
+No Prometheus code here: this module hands its ``LIVE`` modules to publisher.py, which reads their buffers from
+outside the hot path.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from vllm.distributed import (
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from vllm_normswap.observe.config import HF_KEY, SHARDED_SITES, TOKEN_HIST_SITES, ObserverConfig
+from vllm_normswap.observe.config import HF_KEY, ObserverConfig
+from vllm_normswap.observe.publisher import ensure_publisher
 from vllm_normswap.observe.site_stats import HostPlan, SiteLayout, accumulate, accumulate_host, host_plan, warm_host_kernel
+from vllm_normswap.registry import SHARDED_SITES, TOKEN_HIST_SITES
 
 LIVE: dict[str, "LayerStats"] = {}  # op key -> module, for the custom op and the publisher (one model/process)
 
@@ -113,7 +116,7 @@ def _observe_site_fake(x: torch.Tensor, state: torch.Tensor, token_absmax: torch
     return None
 
 
-_LIB = Library("normswap", "FRAGMENT")  # must outlive the op
+_LIB = Library("normswap", "FRAGMENT")  # the project's one op namespace; must outlive the op
 direct_register_custom_op("observe_site", _observe_site, mutates_args=["state"], fake_impl=_observe_site_fake,
                           target_lib=_LIB)
 
@@ -132,9 +135,7 @@ def make_layer_stats(arch, vllm_config, layer: int) -> LayerStats | None:
         return None
     stats = LayerStats(config, layer, get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
     LIVE[stats.key] = stats
-    from vllm_normswap.observe.publisher import ensure_publisher  # host side, outside the hot path
-
-    ensure_publisher(config, _model_name(vllm_config))
+    ensure_publisher(config, _model_name(vllm_config), LIVE)  # host side: a thread outside the forward pass
     return stats
 
 

@@ -18,26 +18,40 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
 
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.utils import floatToGoString
 
 from vllm_normswap.observe.config import ObserverConfig, threshold_label
-from vllm_normswap.observe.metrics import (ABSMAX, DIR_ENV, ELEMENTS, FILE_ID, HELP, LABELS, OUTLIERS,
-                                           TOKEN_HISTOGRAMS)
-from vllm_normswap.observe.site_stats import decode
+from vllm_normswap.observe.metric_files import DIR_ENV, FILE_ID
+from vllm_normswap.observe.site_stats import SiteLayout, decode
+from vllm_normswap.registry import ABSMAX, ELEMENTS, HELP, LABELS, OUTLIERS, TOKEN_HISTOGRAMS
 
 log = logging.getLogger(__name__)
 
 _publisher: "Publisher | None" = None
 
 
+class Source(Protocol):
+    """What the publisher reads: one decoder layer's device counters (``layer_stats.LayerStats`` is one)."""
+
+    layer: int
+    layouts: dict[str, SiteLayout]  # site -> the layout of its state vector
+
+    def state(self, site: str) -> torch.Tensor: ...
+
+
 def metrics_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(DIR_ENV)
 
 
-def ensure_publisher(config: ObserverConfig, model_name: str) -> "Publisher | None":
-    """Start this process's publisher once (called at model construction)."""
+def ensure_publisher(config: ObserverConfig, model_name: str, sources: Mapping[str, Source]) -> "Publisher | None":
+    """Start this process's publisher once (called at model construction). ``sources`` is read at every publish,
+    so layers added to it after the start are published too."""
     global _publisher
     if _publisher is None:
         path = metrics_dir()
@@ -45,15 +59,15 @@ def ensure_publisher(config: ObserverConfig, model_name: str) -> "Publisher | No
             log.warning("normswap observer: no metrics directory (vllm_normswap.register() did not run in the "
                         "API server?); counters stay on the device and are not published")
             return None
-        _publisher = Publisher(config, model_name, path)
+        _publisher = Publisher(config, model_name, path, sources)
         _publisher.start()
     return _publisher
 
 
 class Publisher(threading.Thread):
-    def __init__(self, config: ObserverConfig, model_name: str, path: str):
+    def __init__(self, config: ObserverConfig, model_name: str, path: str, sources: Mapping[str, Source]):
         super().__init__(name="normswap-metrics", daemon=True)
-        self.config, self.model_name, self.path = config, model_name, path
+        self.config, self.model_name, self.path, self.sources = config, model_name, path, sources
         ident = FILE_ID.format(pid=os.getpid())
         self.files = {kind: os.path.join(path, f"{kind}_{ident}.db")
                       for kind in ("counter", "histogram", "gauge_max")}
@@ -75,10 +89,8 @@ class Publisher(threading.Thread):
                 d.close()
 
     def publish(self, dicts):
-        from vllm_normswap.observe.layer_stats import LIVE
-
         write = self._writer(dicts)
-        for stats in list(LIVE.values()):
+        for stats in list(self.sources.values()):
             for site, layout in stats.layouts.items():
                 state = stats.state(site)
                 snapshot = state.to("cpu", copy=True)

@@ -1,4 +1,4 @@
-"""CPU int8 weight-only matmul, registered as one opaque custom op (`torch.ops.vllm.normswap_int8_linear`).
+"""CPU int8 weight-only matmul, registered as one opaque custom op (`torch.ops.normswap.int8_linear`).
 
 Why a custom op: the right kernel depends on the number of rows M (decode vs prefill); inside an op that
 branch is plain Python, invisible to torch.compile (no shape guards, no recompiles).
@@ -347,13 +347,16 @@ def _int8_linear_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+_LIB = torch.library.Library("normswap", "FRAGMENT")  # the project's one op namespace; must outlive the op
+
+
 def _register() -> None:
-    if hasattr(torch.ops.vllm, "normswap_int8_linear"):
+    if hasattr(torch.ops.normswap, "int8_linear"):
         return
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    direct_register_custom_op("normswap_int8_linear", int8_linear, mutates_args=[],
-                              fake_impl=_int8_linear_fake, dispatch_key="CPU")
+    direct_register_custom_op("int8_linear", int8_linear, mutates_args=[], fake_impl=_int8_linear_fake,
+                              target_lib=_LIB, dispatch_key="CPU")
 
 
 _register()
@@ -361,4 +364,4 @@ _register()
 
 def apply_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.vllm.normswap_int8_linear(x, weight, scale, bias)
+    return torch.ops.normswap.int8_linear(x, weight, scale, bias)

@@ -1,6 +1,11 @@
-"""Pre-flight checks of a checkpoint directory, before vLLM reads a weight: every problem is named (file, tensor,
-config field) together with its fix, instead of an opaque error deep in a loader, a hang, or a server that
-serves garbage.
+"""The checkpoint format: which tensors a checkpoint directory holds (names and shapes from ``config.tensor_shapes``,
+dtypes, the int8 layout), and the pre-flight checks of a directory before vLLM reads a weight. Every problem is
+named (file, tensor, config field) together with its fix, instead of an opaque error deep in a loader, a hang, or
+a server that serves garbage.
+
+It lives in model/ because both sides use it: the vLLM model checks what it loads, and checkpoints/ (and
+``normswap serve``) check what they write or are given. Layers point down: model/ imports nothing from
+checkpoints/.
 
 Two passes, split by cost:
 - ``preflight(dir, arch)``: structure only. Reads the safetensors headers (a few KB per file, parsed here from the
