@@ -1,19 +1,21 @@
-"""Run a checkpoint in vLLM's offline engine in a fresh process and print JSON: prompt logprobs and greedy
-continuations for given token-id prompts. Tests call it as a subprocess (one engine per process is what vLLM
-supports cleanly; EngineCore is spawned, hence the __main__ guard).
+"""Run checkpoints in vLLM's offline engine in a fresh process and print JSON: prompt logprobs and greedy
+continuations for given token-id prompts. Tests call it as a subprocess through ``utils.run_vllm_offline`` (one
+engine at a time per process is what vLLM supports cleanly; EngineCore is spawned, hence the __main__ guard).
 
-    python tests/vllm_offline.py SPEC_JSON  ->  stdout line 'RESULT_JSON {...}': {"prompt_logprobs": [[...]], "greedy": [[...]]}
+    python tests/vllm_offline.py SPECS_JSON  ->  stdout line 'RESULT_JSON [{...}, ...]', one result per spec:
+        {"prompt_logprobs": [[...]], "greedy": [[...]]}
+SPECS: one SPEC or a list of them, run one after another (one engine each, one vLLM import for all):
 SPEC: {"model": dir, "prompts": [[ids]], "max_tokens": 32, "enforce_eager": true, "tp": 1, "dtype": "bfloat16",
-       "quantization": null, "hf_overrides": {}}
+       "quantization": null, "hf_overrides": {}, "max_model_len": 512}
 """
 
+import gc
 import json
 import os
 import sys
 
-if __name__ == "__main__":
-    spec = json.loads(sys.argv[1])
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=spec["model"], enforce_eager=spec.get("enforce_eager", True), dtype=spec.get("dtype", "bfloat16"),
@@ -21,16 +23,25 @@ if __name__ == "__main__":
               quantization=spec.get("quantization"), hf_overrides=spec.get("hf_overrides") or None, seed=0)
     params = SamplingParams(max_tokens=spec.get("max_tokens", 32), temperature=0.0, prompt_logprobs=0,
                             ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
     result = {"prompt_logprobs": [], "greedy": []}
     for ids, out in zip(spec["prompts"], outs):
         # entry t (t >= 1) holds {token_id: Logprob} for the actual prompt token t (plus top-k, k = 0 here)
         result["prompt_logprobs"].append([lp[tok].logprob for tok, lp in zip(ids[1:], out.prompt_logprobs[1:])])
         result["greedy"].append(list(out.outputs[0].token_ids))
-    print("RESULT_JSON " + json.dumps(result), flush=True)
-    # vLLM 0.32's CPU engine sometimes aborts while the interpreter tears down ("terminate called without an
-    # active exception", SIGABRT) after all the work is done. Stop the engine process (it holds our stdout and
-    # stderr pipes: an orphan would keep the caller waiting), then leave without the teardown.
+    # stop the engine process now: it holds our stdout and stderr pipes (an orphan would keep the caller waiting)
     llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    return result
+
+
+if __name__ == "__main__":
+    specs = json.loads(sys.argv[1])
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    results = [run(spec) for spec in (specs if isinstance(specs, list) else [specs])]
+    print("RESULT_JSON " + json.dumps(results), flush=True)
+    # vLLM 0.32's CPU engine sometimes aborts while the interpreter tears down ("terminate called without an
+    # active exception", SIGABRT) after all the work is done: leave without the teardown.
     sys.stderr.flush()
     os._exit(0)

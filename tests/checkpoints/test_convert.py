@@ -7,22 +7,20 @@ fp32 logits vs original within 1e-3; norm_in token means |mu| < 1e-4 after (vs >
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from hf_models import VOCAB, build, hf_logits
 from vllm_normswap.checkpoints.convert import convert
 from vllm_normswap.checkpoints.io import load_reference
+from utils import random_prompts, run_vllm_offline, shared_tokenizer
 from vllm_normswap.registry import ConfigError
 
 KINDS = ["gpt2", "opt", "llama"]
 
 
 def prompts(n=3, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(1, VOCAB) for _ in range(rng.randrange(8, 40))] for _ in range(n)]
+    return random_prompts(n, seed, vocab=VOCAB, lengths=(8, 40))
 
 
 def save_hf(kind, path, tokenizer):
@@ -36,8 +34,6 @@ def save_hf(kind, path, tokenizer):
 
 @pytest.fixture(scope="module")
 def tok():
-    from conftest import shared_tokenizer
-
     return shared_tokenizer()
 
 
@@ -88,8 +84,6 @@ def test_rejections(tmp_path, tok):
 @pytest.mark.server
 @pytest.mark.parametrize("kind,to_rms", [("gpt2", False), ("opt", False), ("llama", False), ("gpt2", True)])
 def test_vllm_matches_hf(kind, to_rms, tmp_path, tok):
-    from conftest import run_vllm_offline
-
     model = save_hf(kind, tmp_path / "hf", tok)
     convert(tmp_path / "hf", tmp_path / "ns", to_rmsnorm=to_rms, dtype="bfloat16")
     ids_list = prompts()

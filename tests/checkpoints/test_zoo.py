@@ -87,25 +87,41 @@ def test_committed_zoo_perplexity_bar(option, bar_data):
     assert ratio >= 5.0
 
 
-@pytest.mark.server
-@pytest.mark.parametrize("option", list(OPTIONS))
-def test_committed_zoo_serves_in_vllm(option):
-    """vLLM bf16 prompt logprobs on held-out text agree with the reference (mean NLL within 0.05 nats)."""
+def _heldout_ids(d) -> list[list[int]]:
     from tokenizers import Tokenizer
 
-    from conftest import run_vllm_offline
-    from vllm_normswap.checkpoints.io import load_reference
-
-    d = _committed(option)
-    ref = load_reference(d)
     from vllm_normswap.checkpoints.corpus import stdlib_corpus
     from vllm_normswap.checkpoints.dataset import shuffled_docs, spread_windows
     from vllm_normswap.checkpoints.zoo import DATA_SEED
 
     docs = shuffled_docs(stdlib_corpus().heldout, DATA_SEED)[:4]
     win = spread_windows(Tokenizer.from_file(str(d / "tokenizer.json")), docs, 128, per_doc=1)[:2]
-    ids = [w.tolist() for w in win]
-    got = run_vllm_offline({"model": str(d), "prompts": ids, "max_tokens": 1, "max_model_len": 256})
+    return [w.tolist() for w in win]
+
+
+@pytest.fixture(scope="module")
+def zoo_in_vllm():
+    """option -> (checkpoint dir, prompts, vLLM result) for every committed zoo checkpoint, all engines in one
+    offline-runner process."""
+    from utils import run_vllm_offline
+    from vllm_normswap.checkpoints.zoo import option_dir
+
+    dirs = {o: option_dir(o) for o in OPTIONS if (option_dir(o) / "config.json").is_file()}
+    ids = {o: _heldout_ids(d) for o, d in dirs.items()}
+    results = run_vllm_offline([{"model": str(d), "prompts": ids[o], "max_tokens": 1, "max_model_len": 256}
+                                for o, d in dirs.items()]) if dirs else []
+    return {o: (dirs[o], ids[o], r) for o, r in zip(dirs, results)}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_committed_zoo_serves_in_vllm(option, zoo_in_vllm):
+    """vLLM bf16 prompt logprobs on held-out text agree with the reference (mean NLL within 0.05 nats)."""
+    from vllm_normswap.checkpoints.io import load_reference
+
+    _committed(option)
+    d, ids, got = zoo_in_vllm[option]
+    ref = load_reference(d)
     vllm_nll = -torch.tensor(got["prompt_logprobs"]).mean()
     ref_nll = -torch.tensor([ref.prompt_logprobs(x) for x in ids]).mean()
     print(f"{option}: vLLM NLL {vllm_nll:.4f}, reference {ref_nll:.4f}")

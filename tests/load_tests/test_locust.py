@@ -9,13 +9,12 @@ import time
 
 import pytest
 
-from conftest import make_checkpoint
+from utils import get_open_port, make_checkpoint
 from vllm_normswap.ab import loadgen, metrics
 from vllm_normswap.ab.servers import ServerRun, ServerSpec
 from vllm_normswap.ab.workload import build_workload
 
 pytestmark = pytest.mark.server
-PORT = 8231
 MAX_TOKENS = 6
 
 
@@ -26,7 +25,7 @@ def server(tmp_path_factory):
     wl = build_workload(n_docs=1, n_prompts=12, prompt_chars=120, max_tokens=MAX_TOKENS, seed=3)
     prompts = wl.save_prompts(root / "prompts.jsonl")
     spec = ServerSpec("ln-gelu", str(ckpt), extra=["--enforce-eager"])
-    with ServerRun(spec, PORT, root / "logs") as url:
+    with ServerRun(spec, get_open_port(), root / "logs") as url:
         yield url, prompts, root
 
 
@@ -78,11 +77,12 @@ def test_distributed_master_and_one_worker(server):
     d.mkdir()
     env = {"NORMSWAP_WORKLOAD": str(prompts), "NORMSWAP_RECORDS": str(d / "records"), "PATH": "/usr/bin:/bin"}
     common = [sys.executable, "-m", "locust", "-f", str(loadgen.LOCUSTFILE)]
+    master_port = get_open_port()
     master = subprocess.Popen(common + ["--master", "--headless", "--expect-workers", "1", "-u", "2", "-r", "2",
                                         "-t", "8s", "-H", url, "--csv", str(d / "locust"), "--master-bind-port",
-                                        str(PORT + 50), "--only-summary"],
+                                        str(master_port), "--only-summary"],
                               stdout=open(d / "master.log", "w"), stderr=subprocess.STDOUT, env=env)
-    worker = subprocess.Popen(common + ["--worker", "--master-host", "127.0.0.1", "--master-port", str(PORT + 50)],
+    worker = subprocess.Popen(common + ["--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port)],
                               stdout=open(d / "worker.log", "w"), stderr=subprocess.STDOUT, env=env)
     try:
         assert master.wait(timeout=90) == 0, (d / "master.log").read_text()[-2000:]

@@ -5,27 +5,25 @@ models is printed by each test): prompt logprobs within LOGPROB_ATOL nats per to
 greedy continuations agree at every step where the reference's top-1/top-2 logit margin exceeds MARGIN. The
 reference is teacher-forced on vLLM's own continuation (one forward over prompt + 32 generated tokens), so every
 step is checked in the context vLLM actually saw; at least half of the steps must clear the margin.
+
+All eight engines (options x modes) run one after another in one offline-runner process (one vLLM import).
 """
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from conftest import OPTION_VARIANTS, run_vllm_offline
+from utils import random_prompts, run_vllm_offline
 from vllm_normswap.checkpoints.io import load_reference
+from vllm_normswap.registry import OPTIONS
 
 LOGPROB_ATOL = 0.1
 LOGPROB_MEAN_ATOL = 0.02
 MARGIN = 0.05
 N_GREEDY = 32
-
-
-def prompts(vocab: int, n: int = 4, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(1, vocab) for _ in range(rng.randrange(8, 48))] for _ in range(n)]
+MODES = ("eager", "compiled")
+PROMPTS = random_prompts(4, seed=0, lengths=(8, 48))
 
 
 def check_against_reference(ckpt, result, prompt_ids):
@@ -51,11 +49,15 @@ def check_against_reference(ckpt, result, prompt_ids):
     assert compared >= total / 2
 
 
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
-@pytest.mark.parametrize("option", list(OPTION_VARIANTS))
-def test_vllm_matches_reference(checkpoints, option, mode):
-    ckpt = checkpoints[option]
-    prompt_ids = prompts(512)
-    result = run_vllm_offline({"model": str(ckpt), "prompts": prompt_ids, "max_tokens": N_GREEDY,
-                               "enforce_eager": mode == "eager"})
-    check_against_reference(ckpt, result, prompt_ids)
+@pytest.fixture(scope="module")
+def vllm_runs(checkpoints):
+    runs = [(option, mode) for option in OPTIONS for mode in MODES]
+    results = run_vllm_offline([{"model": str(checkpoints[option]), "prompts": PROMPTS, "max_tokens": N_GREEDY,
+                                 "enforce_eager": mode == "eager"} for option, mode in runs])
+    return dict(zip(runs, results))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_vllm_matches_reference(checkpoints, vllm_runs, option, mode):
+    check_against_reference(checkpoints[option], vllm_runs[(option, mode)], PROMPTS)

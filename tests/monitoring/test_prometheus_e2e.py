@@ -24,10 +24,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "monitoring"))
-from local_stack import Prometheus, free_port, option_server, send_traffic  # noqa: E402
+from local_stack import Prometheus, option_server, send_traffic  # noqa: E402
 from promql import dashboard_queries, dashboard_variables, substitute  # noqa: E402
 from render_panels import render  # noqa: E402
 
+from utils import get_open_port  # noqa: E402
 from vllm_normswap.ab import metrics as server_metrics  # noqa: E402
 
 pytestmark = [pytest.mark.server,
@@ -49,13 +50,13 @@ def finite(series: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def stack(checkpoints, tmp_path_factory):
     work = tmp_path_factory.mktemp("prom-e2e")
-    server = option_server(OPTION, checkpoints[OPTION], free_port(8300, 8399), work,
+    server = option_server(OPTION, checkpoints[OPTION], get_open_port(), work,
                            observe={"thresholds": THRESHOLDS, "publish_interval_s": 1.0},
                            extra=["--enforce-eager", "--max-model-len", "512"])
     server.env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     try:
         server.start().wait_healthy()
-        with Prometheus({OPTION: f"127.0.0.1:{server.port}"}, work, free_port(9390, 9399)) as prom:
+        with Prometheus({OPTION: f"127.0.0.1:{server.port}"}, work, get_open_port()) as prom:
             prom.wait_scraped(1)
             t0 = time.time()
             done = send_traffic({OPTION: server.url}, seconds=12, concurrency=2, max_tokens=MAX_TOKENS)

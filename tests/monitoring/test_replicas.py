@@ -16,8 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "monitoring"))
-from local_stack import Prometheus, core_share, free_port, option_server, send_traffic  # noqa: E402
+from local_stack import Prometheus, core_share, option_server, send_traffic  # noqa: E402
 
+from utils import get_open_port  # noqa: E402
 from vllm_normswap.ab import metrics as server_metrics  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
@@ -30,14 +31,14 @@ def test_replicas_add_up(checkpoints, tmp_path):
     servers = []
     try:
         for i in range(2):
-            s = option_server(OPTION, checkpoints[OPTION], free_port(8300, 8399), tmp_path / f"r{i}",
+            s = option_server(OPTION, checkpoints[OPTION], get_open_port(), tmp_path / f"r{i}",
                               observe={"thresholds": [1.0, 3.0]}, extra=["--enforce-eager", "--max-model-len", "512"],
                               cores=core_share(i, 2, os.cpu_count() or 1))
             servers.append(s)
             s.start().wait_healthy()
         # one scrape config: both replicas are targets of one option (as targets/*.yml or k8s pods would be)
         targets = {OPTION: [f"127.0.0.1:{s.port}" for s in servers]}
-        with Prometheus(targets, tmp_path, free_port(9390, 9399)) as prom:
+        with Prometheus(targets, tmp_path, get_open_port()) as prom:
             prom.wait_scraped(2)
             # the servers differ in traffic: replica 0 gets two concurrent clients, replica 1 one
             send_traffic({OPTION: servers[0].url}, seconds=8, concurrency=2, max_tokens=8)

@@ -12,13 +12,13 @@ almost always empty, so counts are equal.
 from __future__ import annotations
 
 import json
-import random
 import time
 import urllib.request
 
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
+from utils import metric_value as sample  # noqa: F401  (the observer tests' name for it)
+from utils import random_prompts, scrape_metrics
 from vllm_normswap.checkpoints.io import load_reference
 from vllm_normswap.observe.config import DEFAULT_BUCKETS, TOKEN_HIST_SITES, threshold_label
 
@@ -31,9 +31,9 @@ def observe_overrides(**extra) -> dict:
                                  **extra}}
 
 
-def random_prompts(vocab: int, n: int = 4, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)  # random ids: no shared prefix blocks, so the prefix cache recomputes nothing
-    return [[rng.randrange(1, vocab) for _ in range(rng.randrange(20, 60))] for _ in range(n)]
+def observe_prompts(n: int = 4, seed: int = 0) -> list[list[int]]:
+    """Random token prompts of 20..59 tokens (utils.random_prompts)."""
+    return random_prompts(n, seed, lengths=(20, 60))
 
 
 def complete(url: str, model: str, prompt: list[int], max_tokens: int = 6) -> list[int]:
@@ -51,19 +51,8 @@ def complete(url: str, model: str, prompt: list[int], max_tokens: int = 6) -> li
 
 
 def scrape(url: str) -> dict[tuple, float]:
-    """/metrics samples named normswap_*: {(sample name, frozenset(labels.items())): value}."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("normswap_"):
-                out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def sample(metrics: dict, name: str, **labels) -> float | None:
-    return metrics.get((name, frozenset({k: str(v) for k, v in labels.items()}.items())))
+    """/metrics samples named normswap_* (utils.scrape_metrics)."""
+    return scrape_metrics(url, prefix="normswap_")
 
 
 def wait_for_elements(url: str, expected: float, model_name: str, layer: int = 0, site: str = "act_in",

@@ -11,27 +11,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import OPTION_VARIANTS
-from observe_helpers import (compare, complete, expected_metrics, observe_overrides, random_prompts,
+from observe_helpers import (compare, complete, expected_metrics, observe_overrides, observe_prompts,
                              reference_capture, sample, wait_for_elements)
-from vllm_normswap.serve import VLLMServer, server_argv
+from utils import RemoteOpenAIServer
+from vllm_normswap.registry import OPTIONS
 
 pytestmark = pytest.mark.server
 PROBE_C = 4.0
-PORT = 8520
 
 
-@pytest.fixture(scope="module", params=list(OPTION_VARIANTS))
+@pytest.fixture(scope="module", params=list(OPTIONS))
 def probe_run(request, checkpoints, tmp_path_factory):
     """One eager float32 server per option with the probe on; the server is stopped before the assertions."""
     option = request.param
     ckpt = checkpoints[option]
     overrides = {**observe_overrides(), "probe_shift": PROBE_C}
-    argv = server_argv(option, str(ckpt), PORT, hf_overrides=overrides,
-                       extra=["--enforce-eager", "--dtype", "float32", "--max-model-len", "512"])
     log = tmp_path_factory.mktemp("logs") / f"{option}.log"
-    with VLLMServer(argv, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
-        sequences = [complete(server.url, option, p) for p in random_prompts(512)]
+    with RemoteOpenAIServer(option, ckpt, log, hf_overrides=overrides,
+                            extra=["--enforce-eager", "--dtype", "float32", "--max-model-len", "512"]) as server:
+        sequences = [complete(server.url, option, p) for p in observe_prompts()]
         d = 128  # hidden size of the test checkpoints; act_in width differs per option, so wait on norm_in
         metrics = wait_for_elements(server.url, sum(map(len, sequences)) * d, option, site="norm_in")
     return option, ckpt, sequences, metrics
@@ -63,7 +61,7 @@ def test_probe_moves_norm_out_means_only_for_rmsnorm(probe_run):
         assert norm_in - at_0[(layer, "norm_in")]["hist"]["mean"]["sum"] / n > 0.9 * PROBE_C
         print(f"{option} layer {layer}: norm_out mean of token means served {served:.5f}, "
               f"reference c=0 {unshifted:.5f}, reference c={PROBE_C} {shifted:.5f}")
-        if option.startswith("ln-"):
+        if OPTIONS[option].norm_type == "layernorm":
             # LN(h + c) = LN(h) exactly (mean subtraction); only rounding separates the two
             assert abs(served - unshifted) < 1e-4
             per_token = at_c[(layer, "norm_out")]["hist"]["mean"]["values"]

@@ -14,26 +14,25 @@ from __future__ import annotations
 
 import pytest
 
-from observe_helpers import (compare, complete, expected_metrics, observe_overrides, random_prompts,
+from observe_helpers import (compare, complete, expected_metrics, observe_overrides, observe_prompts,
                              reference_capture, wait_for_elements)
-from vllm_normswap.serve import VLLMServer, server_argv
+from utils import RemoteOpenAIServer
 
 pytestmark = pytest.mark.server
 COMPILED_SLACK = 0.002
 
 
-def run_server(option, ckpt, port, log, extra, env=None, seed=1):
-    argv = server_argv(option, str(ckpt), port, hf_overrides=observe_overrides(),
-                       extra=["--dtype", "float32", "--max-model-len", "512", *extra])
-    with VLLMServer(argv, log, env={"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}) as server:
-        sequences = [complete(server.url, option, p) for p in random_prompts(512, seed=seed)]
+def run_server(option, ckpt, log, extra, env=None, seed=1):
+    with RemoteOpenAIServer(option, ckpt, log, hf_overrides=observe_overrides(), env=env,
+                            extra=["--dtype", "float32", "--max-model-len", "512", *extra]) as server:
+        sequences = [complete(server.url, option, p) for p in observe_prompts(seed=seed)]
         metrics = wait_for_elements(server.url, sum(map(len, sequences)) * 128, option, site="norm_in")
     return sequences, metrics
 
 
 def test_tp2_equals_reference(checkpoints, tmp_path):
     option = "ln-swiglu"  # SwiGLU: act_in is this rank's [gate | up] shards
-    sequences, metrics = run_server(option, checkpoints[option], 8530, tmp_path / "tp2.log",
+    sequences, metrics = run_server(option, checkpoints[option], tmp_path / "tp2.log",
                                     ["--enforce-eager", "--tensor-parallel-size", "2"],
                                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     errors = compare(metrics, expected_metrics(reference_capture(checkpoints[option], sequences)), option)
@@ -42,7 +41,7 @@ def test_tp2_equals_reference(checkpoints, tmp_path):
 
 def test_compiled_within_tolerance(checkpoints, tmp_path):
     option = "rms-gelu"
-    sequences, metrics = run_server(option, checkpoints[option], 8531, tmp_path / "compiled.log", [], seed=2)
+    sequences, metrics = run_server(option, checkpoints[option], tmp_path / "compiled.log", [], seed=2)
     errors = compare(metrics, expected_metrics(reference_capture(checkpoints[option], sequences)), option,
                      count_slack=COMPILED_SLACK)
     assert not errors, "\n".join(errors)

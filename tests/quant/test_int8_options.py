@@ -1,28 +1,28 @@
-"""normswap_int8 on NormSwapForCausalLM, all four options (conftest's random checkpoints with non-zero biases):
-per-channel int8 prompt log-probabilities vs bf16 of the same model, full-vocabulary mean KL < 0.01 nats/token,
-and every linear layer of the model quantized. One runner process, eight engine starts."""
+"""normswap_int8 on NormSwapForCausalLM, every option of the registry (the `checkpoints` fixture: random, non-zero
+biases): per-channel int8 prompt log-probabilities vs bf16 of the same model, full-vocabulary mean KL < 0.01 nats/token,
+and every linear layer of the model quantized. One runner process, two engine starts per option."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import OPTION_VARIANTS
 from quant.test_int8_vllm import KL_MAX, mean_kl, prompts, run_int8
+from vllm_normswap.registry import OPTIONS
 
 
 @pytest.fixture(scope="module")
 def option_runs(checkpoints, tmp_path_factory):
     p = prompts()
     specs = []
-    for option in OPTION_VARIANTS:
+    for option in OPTIONS:
         specs.append({"model": str(checkpoints[option]), "prompts": p})
         specs.append({"model": str(checkpoints[option]), "prompts": p, "quantization": "normswap_int8",
                       "dump_int8": True})
     results, _ = run_int8(specs, tmp_path_factory.mktemp("options") / "runs.pt")
-    return {option: (results[2 * i], results[2 * i + 1]) for i, option in enumerate(OPTION_VARIANTS)}
+    return {option: (results[2 * i], results[2 * i + 1]) for i, option in enumerate(OPTIONS)}
 
 
-@pytest.mark.parametrize("option", list(OPTION_VARIANTS))
+@pytest.mark.parametrize("option", list(OPTIONS))
 def test_option_kl_int8_vs_bf16(option_runs, option):
     bf16, int8 = option_runs[option]
     kl = mean_kl(bf16["prompt_logprobs"], int8["prompt_logprobs"])

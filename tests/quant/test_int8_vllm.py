@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -26,8 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import shared_tokenizer
 from quant.llama_ckpt import make_llama_checkpoint
+from utils import random_prompts, shared_tokenizer
 from vllm_normswap.checkpoints.quantize import quantize_checkpoint
 from vllm_normswap.quant.primitives import quantize
 
@@ -38,8 +37,7 @@ TIE_MARGIN = 0.05  # logprob gap under which a different greedy pick is rounding
 
 
 def prompts(n=3, vocab=512, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(1, vocab) for _ in range(rng.randrange(24, 48))] for _ in range(n)]
+    return random_prompts(n, seed, vocab=vocab, lengths=(24, 48))
 
 
 def run_int8(specs, out: Path, env_extra=None):

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-OPTION = "ln-gelu"  # the good checkpoint's option (conftest OPTION_VARIANTS: learned positions, biases, tied)
+OPTION = "ln-gelu"  # the good checkpoint's option (tests/utils.py OPTION_VARIANTS: learned positions, biases, tied)
 WEIGHTS = "model.safetensors"
 
 

@@ -1,29 +1,19 @@
-"""Shared by the robustness tests: the load_tests/ helpers (loaded by path: tests/load_tests is another
-package name) and closed-loop good traffic in threads."""
+"""Shared by the robustness tests: the load-test helpers (bad requests, the /metrics watcher) and closed-loop
+good traffic in threads."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import threading
-from pathlib import Path
 
 import requests
 
+from utils import random_prompt
+from vllm_normswap.load_tests import bad_requests as bad
+from vllm_normswap.load_tests import metrics_watch as watch
+
 OPTION = "ln-gelu"
-API_KEY = "test-key-8620"
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "load_tests" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bad = _load("bad_requests")
-watch = _load("metrics_watch")
+API_KEY = "test-key-robustness"
 
 
 class GoodTraffic(threading.Thread):
@@ -46,7 +36,7 @@ class GoodTraffic(threading.Thread):
     def user(self, seed: int):
         rng, session = random.Random(seed), requests.Session()
         while not self.stopped.is_set():
-            prompt = [rng.randrange(1, bad.VOCAB) for _ in range(rng.randrange(8, 64))]
+            prompt = random_prompt(rng, bad.VOCAB, (8, 64))
             try:
                 bad.good_completion(session, self.url, OPTION, prompt, max_tokens=8, api_key=self.api_key)
                 with self.lock:

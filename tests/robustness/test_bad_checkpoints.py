@@ -14,8 +14,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -24,9 +22,8 @@ from vllm_normswap.checkpoints.io import load_config
 from vllm_normswap.model.checkpoint_format import CheckpointError, check_values, preflight
 from vllm_normswap.model.config import NormSwapArch
 from vllm_normswap.registry import ConfigError
-from vllm_normswap.serve import VLLMServer, server_argv
+from utils import RemoteOpenAIServer, health
 
-PORT0 = 8600  # this module's ports: 8600..8619
 EXIT_TIMEOUT_S = 180  # generous for a loaded 2-core box; a failing start takes ~15-25 s
 
 
@@ -73,14 +70,6 @@ def test_offline_int8_wrong_granularity(checkpoints, tmp_path):
         offline_check(dst)
 
 
-def _health(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-            return r.status
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return None
-
-
 # One server start per case costs ~20 s (up to ~60 s on a busy box). CI runs the four that cover each code path
 # (config validation, the pre-flight before any weight is read, the per-tensor value check, issue-2's trio);
 # the others take the same paths and are `slow`: the offline tests above check their messages on every run.
@@ -93,15 +82,14 @@ SERVED = [c for c in CASES if c.name != "missing_dir"]  # a missing dir never re
                                   for c in SERVED], ids=[c.name for c in SERVED])
 def test_server_refuses(case: Case, checkpoints, tmp_path):
     model = case.make(checkpoints[OPTION], tmp_path)
-    port = PORT0 + CASES.index(case)
-    argv = server_argv(case.serve_option, str(model), port,
-                       extra=["--enforce-eager", "--max-model-len", "256", *case.extra_argv])
-    assert "--trust-remote-code" not in argv  # our config class is registered; no remote code is ever run
-    server = VLLMServer(argv, tmp_path / "server.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}).start()
+    server = RemoteOpenAIServer(case.serve_option, model, tmp_path / "server.log",
+                                extra=["--enforce-eager", "--max-model-len", "256", *case.extra_argv])
+    assert "--trust-remote-code" not in server.argv  # our config class is registered; no remote code is ever run
+    server.start()
     t0 = time.monotonic()
     try:
         while server.proc.poll() is None:
-            assert _health(server.url) != 200, f"{case.name}: the server came up and serves:\n{server.log_tail()}"
+            assert health(server.url, timeout=1) != 200, f"{case.name}: the server came up and serves:\n{server.log_tail()}"
             assert time.monotonic() - t0 < EXIT_TIMEOUT_S, f"{case.name}: still running after {EXIT_TIMEOUT_S}s"
             time.sleep(0.25)
     finally:

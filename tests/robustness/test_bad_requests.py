@@ -12,10 +12,9 @@ import pytest
 import requests
 
 from robustness_traffic import API_KEY, OPTION, GoodTraffic, bad, watch
-from vllm_normswap.serve import VLLMServer, server_argv
+from utils import RemoteOpenAIServer, health
 
 pytestmark = pytest.mark.server
-PORT = 8620
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +22,9 @@ def server(checkpoints, tmp_path_factory):
     log = tmp_path_factory.mktemp("bad_requests") / "server.log"
     # low thresholds: the tiny random model's activations are small; the outlier counters must be non-zero here
     observe = {"normswap_observe": {"thresholds": [0.5, 1.0, 3.0], "publish_interval_s": 0.2}}
-    argv = server_argv(OPTION, str(checkpoints[OPTION]), PORT, hf_overrides=observe,
-                       extra=["--enforce-eager", "--max-model-len", str(bad.MAX_MODEL_LEN),
-                              "--max-logprobs", str(bad.MAX_LOGPROBS), "--api-key", API_KEY])
-    with VLLMServer(argv, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as s:
+    with RemoteOpenAIServer(OPTION, checkpoints[OPTION], log, hf_overrides=observe,
+                            extra=["--enforce-eager", "--max-model-len", str(bad.MAX_MODEL_LEN),
+                                   "--max-logprobs", str(bad.MAX_LOGPROBS), "--api-key", API_KEY]) as s:
         yield s
 
 
@@ -44,23 +42,19 @@ def load(server):
     watcher.stop()
 
 
-def _health(url):
-    return requests.get(f"{url}/health", timeout=10).status_code
-
-
 @pytest.mark.parametrize("name", list(bad.BAD_REQUESTS))
 def test_bad_request_gets_4xx(server, load, name):
     with requests.Session() as session:
         status, allowed, text = bad.send_bad(session, server.url, name, OPTION, api_key=API_KEY)
     assert allowed, f"{name}: status {status}, body {text!r}"
-    assert _health(server.url) == 200
+    assert health(server.url, timeout=10) == 200
 
 
 def test_client_disconnect_mid_stream(server, load):
     traffic, _ = load
     for _ in range(3):
         assert bad.disconnect_mid_stream(server.url, OPTION, api_key=API_KEY) == 2
-    assert _health(server.url) == 200
+    assert health(server.url, timeout=10) == 200
     # the hung-up requests are aborted, not generated to the end: vLLM stops running them
     deadline, before = time.monotonic() + 30, traffic.ok
     while time.monotonic() < deadline and traffic.ok < before + 2:
@@ -78,7 +72,7 @@ def test_api_key_required_on_v1(server, load):
     assert requests.get(f"{server.url}/v1/models", headers=right, timeout=30).status_code == 200
     # vLLM's --api-key guards /v1 only: /health and /metrics stay open (documented; protect them in front)
     assert requests.get(f"{server.url}/metrics", timeout=30).status_code == 200
-    assert _health(server.url) == 200
+    assert health(server.url, timeout=10) == 200
 
 
 def test_zz_good_traffic_unharmed_and_counters_monotonic(server, load):

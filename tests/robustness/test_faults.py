@@ -22,10 +22,10 @@ import requests
 import yaml
 
 from robustness_traffic import OPTION, GoodTraffic, bad, watch
-from vllm_normswap.serve import SERVING_CONFIGS, VLLMServer, server_argv
+from utils import RemoteOpenAIServer, health, server_argv
+from vllm_normswap.serve import SERVING_CONFIGS
 
 pytestmark = pytest.mark.server
-PORT = 8630
 HEALTH_FAIL_S = 10.0  # /health must stop answering 200 this soon after the engine dies
 EXIT_S = 60.0  # ... and the API server must be gone this soon (vLLM's watchdog checks every 5 s)
 ORPHANS_S = 30.0  # ... and every process it started gone this soon after
@@ -48,19 +48,14 @@ def add_pickle_trap(ckpt: Path, marker: Path) -> None:
     (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": Trap(marker)}))
 
 
-def argv(ckpt, port, *extra):
-    cmd = server_argv(OPTION, str(ckpt), port, extra=["--enforce-eager", "--max-model-len", str(bad.MAX_MODEL_LEN),
-                                                      *extra])
-    if os.environ.get("ROBUSTNESS_SERVER_SHIM"):  # a script run in place of `-m vllm.entrypoints.openai.api_server`
-        cmd[1:3] = [os.environ["ROBUSTNESS_SERVER_SHIM"]]
-    return cmd
-
-
-def _health(url) -> int | None:
-    try:
-        return requests.get(f"{url}/health", timeout=2).status_code
-    except requests.RequestException:
-        return None
+def server(ckpt, log, env) -> RemoteOpenAIServer:
+    def argv(port):
+        cmd = server_argv(OPTION, str(ckpt), port,
+                          extra=["--enforce-eager", "--max-model-len", str(bad.MAX_MODEL_LEN)])
+        if os.environ.get("ROBUSTNESS_SERVER_SHIM"):  # a script run in place of `-m vllm.entrypoints.openai.api_server`
+            cmd[1:3] = [os.environ["ROBUSTNESS_SERVER_SHIM"]]
+        return cmd
+    return RemoteOpenAIServer(OPTION, argv=argv, log_path=log, env=env)
 
 
 def _alive(pids):
@@ -74,8 +69,8 @@ def _alive(pids):
     return alive
 
 
-def engine_core(server: VLLMServer) -> psutil.Process:
-    children = psutil.Process(server.proc.pid).children(recursive=True)
+def engine_core(s: RemoteOpenAIServer) -> psutil.Process:
+    children = psutil.Process(s.proc.pid).children(recursive=True)
     for p in children:
         try:
             if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
@@ -96,9 +91,9 @@ def test_engine_killed_then_clean_restart(checkpoints, tmp_path):
     marker = tmp_path / "pickle-was-loaded"
     add_pickle_trap(ckpt, marker)
 
-    server = VLLMServer(argv(ckpt, PORT), tmp_path / "killed.log", env=env).start().wait_healthy()
-    group = [server.proc.pid] + [p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)]
-    traffic = GoodTraffic(server.url, users=2)
+    first = server(ckpt, tmp_path / "killed.log", env).start().wait_healthy()
+    group = [first.proc.pid] + [p.pid for p in psutil.Process(first.proc.pid).children(recursive=True)]
+    traffic = GoodTraffic(first.url, users=2)
     try:
         traffic.start()
         deadline = time.monotonic() + 60
@@ -106,21 +101,21 @@ def test_engine_killed_then_clean_restart(checkpoints, tmp_path):
             time.sleep(0.2)
         assert traffic.ok >= 3, f"no good traffic before the kill: {traffic.failures[:2]}"
         assert list(prom.glob("*_normswap-*.db")), "observer files should be in the operator's directory"
-        engine_core(server).send_signal(signal.SIGKILL)
+        engine_core(first).send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        while _health(server.url) == 200:
+        while health(first.url) == 200:
             assert time.monotonic() - killed < HEALTH_FAIL_S, "/health still 200 after the engine died"
             time.sleep(0.1)
         health_fail_s = time.monotonic() - killed
         try:
-            code = server.wait_exit(timeout=EXIT_S)
+            code = first.wait_exit(timeout=EXIT_S)
         except Exception:
             raise AssertionError(f"API server still running {EXIT_S}s after its engine died (hung):\n"
-                                 f"{server.log_tail()}") from None
+                                 f"{first.log_tail()}") from None
         exit_s = time.monotonic() - killed
     finally:
         traffic.stop()
-        server.stop()
+        first.stop()
     print(f"\nFAULT engine killed: /health failed after {health_fail_s:.1f}s, server exited {code} after "
           f"{exit_s:.1f}s")
     deadline = time.monotonic() + ORPHANS_S  # the worker notices its dead parent and leaves on its own
@@ -130,7 +125,7 @@ def test_engine_killed_then_clean_restart(checkpoints, tmp_path):
     assert not [f for f in traffic.failures if "Connection" not in f and "500" not in f], traffic.failures[:3]
 
     # restart over the same directory: the killed run's observer files are removed, counters start at zero
-    with VLLMServer(argv(ckpt, PORT + 1), tmp_path / "restart.log", env=env) as second:
+    with server(ckpt, tmp_path / "restart.log", env) as second:
         before, _ = watch.scrape(second.url)
         stale = {k: v for k, v in before.items() if k[0].startswith("normswap_") and v}
         assert not stale, f"restart shows the killed run's values: {list(stale.items())[:3]}"
@@ -146,17 +141,17 @@ def test_unwritable_prometheus_dir(checkpoints, tmp_path):
     not_a_dir = tmp_path / "prom-is-a-file"
     not_a_dir.write_text("")  # root ignores permission bits: a regular file is unwritable as a directory for anyone
     env = {**ENV, "PROMETHEUS_MULTIPROC_DIR": str(not_a_dir)}
-    server = VLLMServer(argv(checkpoints[OPTION], PORT + 2), tmp_path / "prom.log", env=env).start()
+    refused = server(checkpoints[OPTION], tmp_path / "prom.log", env).start()
     t0 = time.monotonic()
     try:
-        while server.proc.poll() is None:
-            assert _health(server.url) != 200, "served with an unusable PROMETHEUS_MULTIPROC_DIR"
+        while refused.proc.poll() is None:
+            assert health(refused.url) != 200, "served with an unusable PROMETHEUS_MULTIPROC_DIR"
             assert time.monotonic() - t0 < 180, "still running"
             time.sleep(0.25)
     finally:
-        server.stop()
-    log = server.log_path.read_text(errors="replace")
-    assert server.proc.returncode != 0
+        refused.stop()
+    log = refused.log_path.read_text(errors="replace")
+    assert refused.proc.returncode != 0
     assert f"PROMETHEUS_MULTIPROC_DIR={str(not_a_dir)!r} is not a writable directory" in log, log[-3000:]
 
 

@@ -8,7 +8,6 @@ top-2 margin is clear, and the streamed text is the same as the non-streamed tex
 
 from __future__ import annotations
 
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -16,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import OPTION_VARIANTS, free_port
+from utils import RemoteOpenAIServer, random_prompts
 from vllm_normswap.checkpoints.io import load_reference
-from vllm_normswap.serve import VLLMServer
+from vllm_normswap.registry import OPTIONS
 
 pytestmark = pytest.mark.server
 
@@ -26,23 +25,21 @@ LOGPROB_ATOL, LOGPROB_MEAN_ATOL, MARGIN = 0.1, 0.02, 0.05  # as in the parity te
 NORMSWAP = shutil.which("normswap", path=str(Path(sys.executable).parent)) or "normswap"
 
 
-@pytest.fixture(scope="module", params=list(OPTION_VARIANTS))
+@pytest.fixture(scope="module", params=list(OPTIONS))
 def served(request, checkpoints, tmp_path_factory):
     option = request.param
-    port = free_port()
-    argv = [NORMSWAP, "serve", option, "--model", str(checkpoints[option]), "--port", str(port),
-            "--", "--enforce-eager", "--max-model-len", "256"]
-    log = tmp_path_factory.mktemp("serve") / f"{option}.log"
-    with VLLMServer(argv, log, port=port, startup_timeout=300) as server:
-        import openai
 
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        yield option, checkpoints[option], client
+    def argv(port):
+        return [NORMSWAP, "serve", option, "--model", str(checkpoints[option]), "--port", str(port),
+                "--", "--enforce-eager", "--max-model-len", "256"]
+
+    log = tmp_path_factory.mktemp("serve") / f"{option}.log"
+    with RemoteOpenAIServer(option, argv=argv, log_path=log, startup_timeout=300) as server:
+        yield option, checkpoints[option], server.get_client()
 
 
 def prompt_ids(seed: int, n: int = 24) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 512) for _ in range(n)]
+    return random_prompts(1, seed, lengths=n)[0]
 
 
 def test_models_lists_the_option(served):

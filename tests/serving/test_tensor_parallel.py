@@ -11,12 +11,10 @@ the count is printed, not asserted.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from conftest import run_vllm_offline
+from utils import random_prompts, run_vllm_offline
 from vllm_normswap.checkpoints.io import load_reference
 
 pytestmark = pytest.mark.server
@@ -28,8 +26,7 @@ MARGIN = 0.05
                                     pytest.param("rms-swiglu", marks=pytest.mark.slow)])
 def test_tp2_greedy_equals_tp1(checkpoints, option):
     ckpt = checkpoints[option]
-    rng = random.Random(5)
-    prompts = [[rng.randrange(1, 512) for _ in range(rng.randrange(8, 40))] for _ in range(6)]
+    prompts = random_prompts(6, seed=5, lengths=(8, 40))
     spec = {"model": str(ckpt), "prompts": prompts, "max_tokens": 32, "enforce_eager": True}
     tp1 = run_vllm_offline(spec)["greedy"]
     tp2 = run_vllm_offline({**spec, "tp": 2}, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})["greedy"]
