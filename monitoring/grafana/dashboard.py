@@ -22,10 +22,14 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common, dashboard as dm
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
+from vllm_normswap.registry import (DECISION_SITE, DECISION_THRESHOLD, OUTLIERS, SITES, TOKEN_HIST_SITES,
+                                    TOKEN_HISTOGRAMS)
+
 OUT = Path(__file__).resolve().parent / "dashboards" / "normswap-ab.json"
 UID = "normswap-ab"
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
-SITES = ("norm_in", "norm_out", "act_in", "act_out", "ffn_out")  # vllm_normswap.observe.config.SITES
+MEAN_SITES = tuple(s for s, stats in TOKEN_HIST_SITES.items() if "mean" in stats)  # the pre-FFN norm's in/out
+ABSMAX_SITE = next(s for s, stats in TOKEN_HIST_SITES.items() if "absmax" in stats)  # the down projection's input
 MODELS = 'model_name=~"$model_name"'
 
 
@@ -75,11 +79,11 @@ def variables():
         .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
         .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"])),
         db.CustomVariable("site").label("Site").values(",".join(SITES))
-        .current(dm.VariableOption(selected=True, text="act_out", value="act_out")),
+        .current(dm.VariableOption(selected=True, text=DECISION_SITE, value=DECISION_SITE)),
         db.QueryVariable("threshold").label("|x| >").datasource(DS)
-        .query("label_values(normswap_activation_outliers_total, threshold)")
+        .query(f"label_values({OUTLIERS}_total, threshold)")
         .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.NUMERICAL_ASC)
-        .current(dm.VariableOption(selected=True, text="6", value="6")),
+        .current(dm.VariableOption(selected=True, text=f"{DECISION_THRESHOLD:g}", value=f"{DECISION_THRESHOLD:g}")),
     ]
 
 
@@ -113,24 +117,24 @@ def magnitude_row(d: db.Dashboard) -> db.Dashboard:
         query(f'normswap:activation_absmax:max{{{MODELS}, site="$site"}}', "{{model_name}} L{{layer}}"),
         log=True, desc="Largest |x| seen at the site over the observer's absmax window (gauge, max over replicas)."))
     d = d.with_panel(series(
-        "act_out per-token max |x|, p99", "none",
+        f"{ABSMAX_SITE} per-token max |x|, p99", "none",
         query(f'normswap:token_absmax:p99_rate1m{{{MODELS}}}', "{{model_name}} L{{layer}}"),
-        log=True, desc="99th percentile over tokens of max |x| across features at act_out (the down "
+        log=True, desc=f"99th percentile over tokens of max |x| across features at {ABSMAX_SITE} (the down "
                        "projection's input, which the int8 weights multiply)."))
     return d.with_panel(per_option_heatmap(
-        "act_out per-token max |x|",
-        query('sum by (le) (rate(normswap_token_absmax_bucket{model_name="$model_name", site="act_out"}'
-              '[$__rate_interval]))', "{{le}}", fmt=PromQueryFormat.HEATMAP),
-        "none", "Distribution over tokens (all layers) of max |x| at act_out.", rows=False))
+        f"{ABSMAX_SITE} per-token max |x|",
+        query(f'sum by (le) (rate({TOKEN_HISTOGRAMS["absmax"]}_bucket{{model_name="$model_name", '
+              f'site="{ABSMAX_SITE}"}}[$__rate_interval]))', "{{le}}", fmt=PromQueryFormat.HEATMAP),
+        "none", f"Distribution over tokens (all layers) of max |x| at {ABSMAX_SITE}.", rows=False))
 
 
 def token_stats_row(d: db.Dashboard) -> db.Dashboard:
     d = d.with_row(db.Row("Token mean μ and spread σ at the pre-FFN norm (the case study's diagnostic)"))
-    for site in ("norm_in", "norm_out"):
+    for site in MEAN_SITES:
         d = d.with_panel(per_option_heatmap(
             f"Token mean μ at {site}",
-            query(f'sum by (le) (rate(normswap_token_mean_bucket{{model_name="$model_name", site="{site}"}}'
-                  f'[$__rate_interval]))', "{{le}}", fmt=PromQueryFormat.HEATMAP),
+            query(f'sum by (le) (rate({TOKEN_HISTOGRAMS["mean"]}_bucket{{model_name="$model_name", '
+                  f'site="{site}"}}[$__rate_interval]))', "{{le}}", fmt=PromQueryFormat.HEATMAP),
             "none", f"Distribution over tokens (all layers) of the mean across features at {site}. With "
                     "LayerNorm, norm_out means stay near the bias; with RMSNorm they follow norm_in.", rows=False))
     d = d.with_panel(series(
