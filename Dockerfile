@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # GPU image (the CPU one is deploy/Dockerfile.cpu): the pinned vLLM OpenAI server image + this plugin, one
 # NormSwap option server per container, configured by environment variables (deploy/entrypoint.py).
 #   docker build -t normswap-gpu:0.1.0 .
@@ -9,14 +10,22 @@ ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 FROM ${VLLM_IMAGE}
 
 WORKDIR /opt/normswap
-COPY . .
+# Only what runs beside the package: the entrypoint, the install check and the pins it reads.
+COPY pyproject.toml ./
+COPY deploy/ deploy/
 # The base image's Python already holds vllm 0.32.0, which satisfies the [gpu] extra's pin, so only the plugin
-# and its small dependencies are added. Editable: serving_configs/ and the zoo stay beside the package. The image's
-# Python is the system one (vLLM installs itself with `uv pip install --system`); on a base whose distribution
-# marks it externally managed (PEP 668), the BREAK_SYSTEM_PACKAGES variables let the same command through.
-RUN export UV_BREAK_SYSTEM_PACKAGES=1 PIP_BREAK_SYSTEM_PACKAGES=1 \
- && if command -v uv >/dev/null 2>&1; then uv pip install --system -e ".[gpu]"; \
-    else python3 -m pip install --no-cache-dir -e ".[gpu]"; fi \
+# (as a built wheel: serving configs and the zoo are package data) and its small dependencies are added; no test
+# or dev extras. The source is bind-mounted for the build only (BuildKit; writable, changes discarded). The
+# image's Python is the system one (vLLM installs itself with `uv pip install --system`); on a base whose
+# distribution marks it externally managed (PEP 668), the BREAK_SYSTEM_PACKAGES variables let the same command
+# through.
+RUN --mount=type=bind,source=.,target=/tmp/src,rw \
+    export UV_BREAK_SYSTEM_PACKAGES=1 PIP_BREAK_SYSTEM_PACKAGES=1 \
+ && python3 -m pip wheel --no-cache-dir --no-deps -w /tmp/dist /tmp/src \
+ && wheel="$(ls /tmp/dist/vllm_normswap-*.whl)" \
+ && if command -v uv >/dev/null 2>&1; then uv pip install --system "${wheel}[gpu]"; \
+    else python3 -m pip install --no-cache-dir "${wheel}[gpu]"; fi \
+ && rm -rf /tmp/dist \
  && python3 deploy/check_install.py
 
 ENV HOST=0.0.0.0 PORT=8000

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     plugins = {e.name: e.value for e in importlib.metadata.entry_points(group="vllm.general_plugins")}
     if plugins.get("normswap") != "vllm_normswap:register":
         sys.exit(f"check_install: entry point vllm.general_plugins:normswap missing ({plugins}); "
-                 f"pip install -e . from the repository root")
+                 f"pip install the vllm-normswap wheel")
     from vllm_normswap.registry import OPTIONS
 
     commands = {}
@@ -64,8 +64,8 @@ def main(argv=None) -> int:
         config = Path(argv_[argv_.index("--config") + 1])
         overrides = json.loads(argv_[argv_.index("--hf-overrides") + 1])
         if not config.is_file() or config.name != f"{option}.yaml":
-            sys.exit(f"check_install: {option} would start with config {config}: serving_configs/ must sit beside "
-                     f"the package (install with pip install -e from the repository)")
+            sys.exit(f"check_install: {option} would start with config {config}: the package's serving_configs/ "
+                     f"(package data) is missing; install vllm-normswap from its wheel")
         if not overrides.get("normswap_observe"):
             sys.exit(f"check_install: {option} would start with the observer off: {overrides}")
         commands[option] = argv_[argv_.index("--model") + 1]

@@ -11,5 +11,5 @@ if [ ! -f "$NORMSWAP_WORKLOAD" ]; then
 from vllm_normswap.ab.workload import build_workload
 build_workload(max_tokens=int(sys.argv[2])).save_prompts(sys.argv[1])' "$NORMSWAP_WORKLOAD" "${NORMSWAP_MAX_TOKENS:-16}"
 fi
-here=$(cd "$(dirname "$0")/.." && pwd)
-exec locust -f "$here/load_tests/locustfile.py" "$@"
+# the locustfile ships in the installed package (package data), wherever pip put it
+exec locust -f "$(python -m vllm_normswap.load_tests)/locustfile.py" "$@"

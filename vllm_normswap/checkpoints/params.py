@@ -9,11 +9,11 @@ from vllm_normswap.model.config import NormSwapArch
 
 def add_arguments(p) -> None:
     p.add_argument("--from", dest="src", help="a checkpoint dir whose config gives the shape (GELU width)")
-    p.add_argument("--hidden-size", type=int, default=192)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--gelu-width", type=int, default=None, help="GELU FFN width (default 4 x hidden)")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--hidden-size", type=int, default=192, help="model width d")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--heads", type=int, default=3, help="attention heads")
+    p.add_argument("--gelu-width", type=int, default=None, help="GELU FFN width (None = 4 x hidden)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
 
 
 def run(args) -> int:

@@ -131,7 +131,7 @@ def add_arguments(p) -> None:
     p.add_argument("src", help="full-precision checkpoint directory (config.json + *.safetensors)")
     p.add_argument("dst", help="output directory for the int8 (compressed-tensors W8A16) checkpoint")
     p.add_argument("--granularity", choices=GRANULARITIES, default="channel",
-                   help="one scale per output channel (default), per group of inputs, or per tensor")
+                   help="one scale per output channel, per group of inputs, or per tensor")
     p.add_argument("--group-size", type=int, default=128, help="inputs per scale with --granularity group")
 
 

@@ -49,16 +49,18 @@ def write_random_checkpoint(dst, arch: NormSwapArch, seed: int = 0, dtype=torch.
 
 
 def add_arguments(p) -> None:
-    p.add_argument("option", choices=list(OPTIONS))
-    p.add_argument("dst")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--position", choices=["learned", "rope"], default="learned")
-    p.add_argument("--eps-placement", choices=["outside_sqrt", "inside_sqrt"], default="outside_sqrt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("option", choices=list(OPTIONS), help="the option (pre-FFN norm and FFN activation)")
+    p.add_argument("dst", help="output checkpoint directory")
+    p.add_argument("--hidden-size", type=int, default=128, help="model width d")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--heads", type=int, default=2, help="attention heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (None = --heads)")
+    p.add_argument("--vocab-size", type=int, default=512, help="vocabulary size")
+    p.add_argument("--position", choices=["learned", "rope"], default="learned",
+                   help="position embedding: learned absolute table or rotary")
+    p.add_argument("--eps-placement", choices=["outside_sqrt", "inside_sqrt"], default="outside_sqrt",
+                   help="norm epsilon: (sigma + eps) as the case study writes it, or sqrt(var + eps)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
 
 
 def run(args) -> int:

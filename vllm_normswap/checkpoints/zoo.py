@@ -143,17 +143,20 @@ def build(out: Path = ZOO_DIR, corpus_path=None, quick: bool = False, progress: 
 
 
 def add_arguments(p) -> None:
+    from vllm_normswap.registry import OPTIONS
+
     sub = p.add_subparsers(dest="zoo_command", required=True, metavar="build|path")
     b = sub.add_parser("build", help="train the four options and write them (reproduces the committed zoo)")
     b.add_argument("--quick", action="store_true", help="a tiny smoke-test zoo (about a minute, not committed)")
     b.add_argument("--corpus", default=None, help="text files / JSONL ({\"text\": ...} per line), a file or a dir "
-                                                  "(default: this Python's standard-library sources)")
-    b.add_argument("--out", default=None, help="output dir (default: the package's zoo dir; required with "
+                                                  "(None = this Python's standard-library sources)")
+    b.add_argument("--out", default=None, help="output dir (None = the package's zoo dir; required with "
                                                "--quick or --corpus, so the committed zoo is not overwritten)")
-    b.add_argument("--option", action="append", default=None, help="build only this option (repeatable)")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--option", action="append", default=None, choices=list(OPTIONS),
+                   help="build only this option (repeatable; None = all)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
     path = sub.add_parser("path", help="print the committed checkpoint dir of an option")
-    path.add_argument("option")
+    path.add_argument("option", choices=list(OPTIONS), help="the option whose checkpoint dir to print")
 
 
 def run(args) -> int:

@@ -1,6 +1,6 @@
 """Request-rate sweep as a data table: each stage holds a target request rate for a while.
 
-Use together with the user file:  locust -f load_tests/locustfile.py,load_tests/rate_sweep.py --headless \
+Use together with the user file (LT=$(python -m vllm_normswap.load_tests)):  locust -f "$LT/locustfile.py,$LT/rate_sweep.py" --headless \
     --per-user-rate 0.5 ...   (each user paces itself to --per-user-rate requests/s; this shape sets the number
 of users to rate / per-user-rate, so the offered load is the table's rate whether one process or a master with
 workers runs it: only the master runs a shape.) Override the table with NORMSWAP_RATE_TABLE=file.json holding

@@ -1,8 +1,9 @@
 """Locust user for an OpenAI-compatible server: streaming /v1/completions with a fixed, seeded workload.
 
-    locust -f load_tests/locustfile.py --headless -u 4 -r 4 -t 30s -H http://127.0.0.1:8000 \
+    LT=$(python -m vllm_normswap.load_tests)    # the directory of these files, in a wheel or a checkout
+    locust -f "$LT/locustfile.py" --headless -u 4 -r 4 -t 30s -H http://127.0.0.1:8000 \
         --workload prompts.jsonl --records-dir out/ --csv out/locust
-    # request-rate sweep: add the shape file    -f load_tests/locustfile.py,load_tests/rate_sweep.py
+    # request-rate sweep: add the shape file    -f "$LT/locustfile.py,$LT/rate_sweep.py"
     # distributed: same file on both sides      locust -f ... --master --expect-workers 1 --headless ...
     #                                           locust -f ... --worker --master-host HOST
 

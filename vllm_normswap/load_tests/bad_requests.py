@@ -1,5 +1,5 @@
 """Bad requests as a data table, and the few functions that send them, shared by the soak scenario
-(load_tests/soak_locustfile.py) and tests/robustness/test_bad_requests.py.
+(soak_locustfile.py) and tests/robustness/test_bad_requests.py.
 
 Every row must get a 4xx from the server (and the server keeps serving); the disconnect case is sent by
 ``disconnect_mid_stream``: the client reads two chunks of a streaming completion and hangs up.

@@ -1,13 +1,13 @@
 """Soak driver: one option's server, the mixed good/bad locust scenario for N minutes, and a sampler of server
 memory and /metrics; prints a JSON summary (and writes it to OUT/summary.json).
 
-    python load_tests/soak.py --option ln-gelu --minutes 10 --users 4 --out soak-out/ [--model DIR] [-- vLLM flags]
+    python -m vllm_normswap.load_tests.soak --option ln-gelu --minutes 10 --users 4 --out soak-out/ [--model DIR] [-- vLLM flags]
 
 Pass criteria (issue: reliability), reported as "pass" with each figure:
 - failed_good_requests == 0 (locust types good / good-stream), bad requests all got their expected 4xx;
 - rss_growth_pct < 5: resident memory of the server's whole process tree (API server, EngineCore, workers;
   psutil RSS summed), median of the last 3 samples vs median of the first 3 after warm-up;
-- counters_monotonic: no counter or histogram bucket on /metrics ever decreased (load_tests/metrics_watch.py);
+- counters_monotonic: no counter or histogram bucket on /metrics ever decreased (metrics_watch.py);
 - /metrics latency stable: p50/p99 per minute, and the last minute's p99 < 3x the first minute's (or < 0.1 s).
 Slow (minutes) and never run in CI; each start of vLLM should hold the machine's vLLM lock (flock) where shared.
 """
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     args, vllm_extra = p.parse_known_args(argv)
     vllm_extra = [a for a in vllm_extra if a != "--"]
 
-    from vllm_normswap.serve import VLLMServer, default_model, server_argv
+    from vllm_normswap.serve import default_model, server_argv
+    from vllm_normswap.vllm_server import VLLMServer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,12 @@
 """Soak scenario: good completions (plain and streaming) mixed with bad requests against one server.
 
-    locust -f load_tests/soak_locustfile.py --headless -u 4 -r 4 -t 10m -H http://127.0.0.1:8000 \
+    LT=$(python -m vllm_normswap.load_tests)    # the directory of these files, in a wheel or a checkout
+    locust -f "$LT/soak_locustfile.py" --headless -u 4 -r 4 -t 10m -H http://127.0.0.1:8000 \
         --model-name ln-gelu [--api-key KEY] --csv out/soak
-    # or let load_tests/soak.py start the server, run this, and sample memory and /metrics (JSON summary)
+    # or let soak.py start the server, run this, and sample memory and /metrics (JSON summary)
 
 Request types in locust's statistics: "good" and "good-stream" (a failure is any non-200 or a wrong token
-count: the soak requires 0), "bad:<name>" (a failure is any status other than the one load_tests/bad_requests.py
+count: the soak requires 0), "bad:<name>" (a failure is any status other than the one bad_requests.py
 expects, e.g. a 500 or a 200), and "bad:disconnect" (a streaming request the client abandons after two chunks).
 The server must run with --max-model-len 256 --max-logprobs 20 (bad_requests.MAX_MODEL_LEN / MAX_LOGPROBS).
 """

@@ -1,0 +1,87 @@
+"""``VLLMServer``: a vLLM OpenAI-compatible server process, as the tests, the A/B driver and the monitoring stack
+run it: start it in its own process group, wait until /health answers, stop it (SIGINT, then SIGKILL), keep its log.
+``ServerFailed`` carries the tail of the log when the process dies (or never becomes healthy).
+
+The command line comes from elsewhere (``vllm_normswap.serve.server_argv``, ``deploy/entrypoint.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class VLLMServer:
+    """A vLLM server process. ``with VLLMServer(argv, log) as s: s.url`` waits until /health answers and stops
+    the server on exit. If the process dies first, ``ServerFailed`` carries the tail of its log."""
+
+    def __init__(self, argv: list[str], log_path: str | Path, env: dict | None = None, port: int | None = None,
+                 startup_timeout: float = 600.0):
+        self.argv, self.log_path = argv, Path(log_path)
+        self.port = port if port is not None else int(argv[argv.index("--port") + 1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **(env or {})}
+        self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "VLLMServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        # own process group: stop() must also reach EngineCore and workers
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        return self
+
+    def wait_healthy(self) -> "VLLMServer":
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerFailed(self.proc.returncode, self.log_tail())
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerFailed(None, f"no /health within {self.startup_timeout:.0f}s\n" + self.log_tail())
+
+    def wait_exit(self, timeout: float) -> int:
+        """For servers expected to fail: the exit code (raises TimeoutError if still running)."""
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def log_tail(self, chars: int = 4000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def __enter__(self):
+        return self.start().wait_healthy()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class ServerFailed(RuntimeError):
+    def __init__(self, returncode, log_tail: str):
+        super().__init__(f"vLLM server exited with code {returncode} before serving; log tail:\n{log_tail}")
+        self.returncode, self.log = returncode, log_tail
