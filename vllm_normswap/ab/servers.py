@@ -1,6 +1,6 @@
 """One server run of the A/B: start vLLM for (option, precision, probe shift), measure, always stop.
 
-The process handling (start, /health, stop, log) is ``vllm_normswap.serve.VLLMServer``; this file decides the
+The process handling (start, /health, stop, log) is ``vllm_normswap.vllm_server.VLLMServer``; this file decides the
 command line: the option's serving config, the observer switched on when the config does not set it, a
 max-model-len no larger than the checkpoint's position table, and the probe shift.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from vllm_normswap.registry import DEFAULT_THRESHOLDS
-from vllm_normswap.serve import VLLMServer, serving_config_path, server_argv
+from vllm_normswap.serve import serving_config_path, server_argv
+from vllm_normswap.vllm_server import VLLMServer
 
 OBSERVER_DEFAULT = {"enabled": True, "thresholds": list(DEFAULT_THRESHOLDS)}
 
