@@ -21,13 +21,14 @@ class VLLMServer:
     the server on exit. If the process dies first, ``ServerFailed`` carries the tail of its log."""
 
     def __init__(self, argv: list[str], log_path: str | Path, env: dict | None = None, port: int | None = None,
-                 startup_timeout: float = 600.0):
+                 startup_timeout: float = 600.0, cwd: str | Path | None = None):
         self.argv, self.log_path = argv, Path(log_path)
         self.port = port if port is not None else int(argv[argv.index("--port") + 1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         self.startup_timeout = startup_timeout
+        self.cwd = cwd  # working directory of the server (None: this process's)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "VLLMServer":
@@ -35,7 +36,7 @@ class VLLMServer:
         self._log = open(self.log_path, "wb")
         # own process group: stop() must also reach EngineCore and workers
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+                                     cwd=self.cwd, start_new_session=True)
         return self
 
     def wait_healthy(self) -> "VLLMServer":
