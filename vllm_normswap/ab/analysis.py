@@ -1,13 +1,9 @@
-"""Derived numbers for the report: per-option outlier rates and token means, probe curves, and the Decision.
+"""Derived numbers for the report: per-option outlier rates and token means, probe curves, the evidence table
+the decision rules read (ab/decision.py), and the Decision in words.
 
-Input is results (run records with parsed /metrics differences); output is plain data. The decision rules are
-written out here so the report can quote them:
-- the outlier measure is the act_out rate at the LLM.int8() threshold 6 (falling back to the largest threshold
-  with counts at the baseline), over the quality documents, identical tokens for every option;
-- a single change "reduces outliers" if its rate is below 0.9x the baseline's;
-- it "preserves quality" if its bf16 perplexity CI does not lie entirely above 1.05x the baseline's, and its int8
-  ΔPPL CI does not lie entirely above the baseline's ΔPPL CI;
-- quality differences are "inconclusive" when the int8-vs-bf16 ΔPPL/KL CIs overlap the bf16 noise floor's.
+Input is results (run records with parsed /metrics differences); output is plain data. The outlier measure is the
+act_out rate at the LLM.int8() threshold 6 (falling back to the largest threshold with counts at the baseline),
+over the quality documents: identical tokens for every option.
 """
 
 from __future__ import annotations
@@ -15,9 +11,8 @@ from __future__ import annotations
 import math
 
 from vllm_normswap.ab import metrics
-
-BASELINE, ACTIVATION_ONLY, NORM_ONLY, BOTH = "ln-gelu", "ln-swiglu", "rms-gelu", "rms-swiglu"
-REDUCTION = 0.9
+from vllm_normswap.ab.decision import PPL_MARGIN, REDUCTION, Evidence, Verdict, decide
+from vllm_normswap.registry import BASELINE, DECISION_SITE, DECISION_THRESHOLD, OPTIONS, SITES, TOKEN_HISTOGRAMS
 
 
 def pooled_rate(diff: dict, site: str, tau: float) -> float | None:
@@ -42,12 +37,12 @@ def option_stats(run: dict) -> dict:
         return {}
     out = {"thresholds": thresholds(d)}
     for tau in out["thresholds"]:
-        for site in ("norm_out", "act_in", "act_out", "ffn_out"):
+        for site in SITES:
             out[f"rate_{site}_{tau:g}"] = pooled_rate(d, site, tau)
-    out["mu_norm_in"] = pooled_hist_mean(d, "normswap_token_mean", "norm_in")
-    out["mu_norm_out"] = pooled_hist_mean(d, "normswap_token_mean", "norm_out")
-    out["sigma_norm_in"] = pooled_hist_mean(d, "normswap_token_std", "norm_in")
-    out["act_out_token_absmax"] = pooled_hist_mean(d, "normswap_token_absmax", "act_out")
+    out["mu_norm_in"] = pooled_hist_mean(d, TOKEN_HISTOGRAMS["mean"], "norm_in")
+    out["mu_norm_out"] = pooled_hist_mean(d, TOKEN_HISTOGRAMS["mean"], "norm_out")
+    out["sigma_norm_in"] = pooled_hist_mean(d, TOKEN_HISTOGRAMS["std"], "norm_in")
+    out["act_out_token_absmax"] = pooled_hist_mean(d, TOKEN_HISTOGRAMS["absmax"], "act_out")
     out["act_out_absmax"] = max((v for (l, s), v in d["absmax"].items() if s == "act_out"), default=None)
     return out
 
@@ -90,20 +85,33 @@ def analyze(results: dict) -> dict:
             and r.get("status") != "failed"}
     stats = {o: option_stats(r) for o, r in main.items()}
     base = stats.get(BASELINE) or {}
-    taus = base.get("thresholds") or next((s["thresholds"] for s in stats.values() if s), [6.0])
-    tau = 6.0 if 6.0 in taus else taus[-1]
-    if base and not base.get(f"rate_act_out_{tau:g}"):  # nothing above 6 at the baseline: use a lower threshold
-        tau = max((t for t in taus if base.get(f"rate_act_out_{t:g}")), default=tau)
+    taus = base.get("thresholds") or next((s["thresholds"] for s in stats.values() if s), [DECISION_THRESHOLD])
+    tau = DECISION_THRESHOLD if DECISION_THRESHOLD in taus else taus[-1]
+    key = f"rate_{DECISION_SITE}_{tau:g}"
+    if base and not base.get(key):  # nothing above 6 at the baseline: use a lower threshold
+        tau = max((t for t in taus if base.get(f"rate_{DECISION_SITE}_{t:g}")), default=tau)
+        key = f"rate_{DECISION_SITE}_{tau:g}"
     comp = results.get("comparisons", {})
     curves = probe_curves(runs, tau)
     ref = reference_curves(results.get("probe_reference", {}), tau)
     agreement = probe_agreement(curves, ref)
     slopes_from = {o: ref[o] if len(ref.get(o, [])) > 1 else curves.get(o, []) for o in set(curves) | set(ref)}
-    decision = decide(stats, comp, slopes_from, tau, main)
+    evidence = {o: Evidence(
+        option=o, outlier_rate=stats[o].get(key) if stats.get(o) else None,
+        ppl=(main[o].get("quality") or {}).get("ppl_a"),
+        int8_kl=comp.get(o, {}).get("int8_vs_bf16", {}).get("kl"),
+        floor_kl=comp.get(o, {}).get("precision_floor", {}).get("kl"),
+        int8_vs_floor=comp.get(o, {}).get("int8_kl_vs_floor"),
+        mu_slope=slope(slopes_from.get(o, []), "mu_norm_out"),
+        throughput=(comp.get(o, {}).get("load") or {}).get("throughput")) for o in main}
+    verdict = decide(evidence)
+    text = explain(verdict, evidence, stats, comp, slopes_from, tau)
     if agreement:
-        decision["text"].insert(1, "Probe check: the servers' μ(norm_out) matches the reference-model curve within "
-                                + ", ".join(f"{o} {_fmt(v)}" for o, v in agreement.items())
-                                + " (slopes above use the reference curve, c grid from --probe-grid).")
+        text.insert(1, "Probe check: the servers' μ(norm_out) matches the reference-model curve within "
+                    + ", ".join(f"{o} {_fmt(v)}" for o, v in agreement.items())
+                    + " (slopes use the reference curve, c grid from --probe-grid).")
+    decision = {"verdict": verdict.verdict, "choice": verdict.choice, "tau": tau, "text": text,
+                "criteria": {o: vars(c) for o, c in verdict.criteria.items()}, "missing": verdict.missing}
     return {"tau": tau, "stats": stats, "probe": curves, "probe_reference": ref, "probe_agreement": agreement,
             "decision": decision}
 
@@ -129,82 +137,72 @@ def probe_agreement(server: dict, ref: dict) -> dict[str, float]:
     return out
 
 
-def decide(stats, comp, curves, tau, main) -> dict:
-    key = f"rate_act_out_{tau:g}"
-    lines, verdict, choice = [], "inconclusive", None
-    base = stats.get(BASELINE, {})
-    if not base or base.get(key) is None:
-        return {"verdict": "inconclusive", "choice": None,
-                "text": [f"No observer data for the baseline {BASELINE}: the run cannot answer the question "
-                         "(see failed runs above)."]}
-    # (i) mean subtraction
-    ln = [o for o in (BASELINE, ACTIVATION_ONLY) if stats.get(o)]
-    rms = [o for o in (NORM_ONLY, BOTH) if stats.get(o)]
-    s_ln = [slope(curves.get(o, []), "mu_norm_out") for o in ln]
-    s_rms = [slope(curves.get(o, []), "mu_norm_out") for o in rms]
-    lines.append(
-        "(i) Mean subtraction. Token mean μ entering the pre-FFN norm (norm_in): "
-        + ", ".join(f"{o} {_fmt(stats[o]['mu_norm_in'])}" for o in ln + rms)
-        + "; after the norm (norm_out): " + ", ".join(f"{o} {_fmt(stats[o]['mu_norm_out'])}" for o in ln + rms)
-        + ". Under the mean-shift probe, dμ(norm_out)/dc = " + ", ".join(
-            f"{o} {_fmt(s)}" for o, s in zip(ln + rms, s_ln + s_rms))
-        + ": LayerNorm removes a token's mean (its norm_out μ stays at mean(β)), RMSNorm passes a shifted mean "
-          "on to the FFN input.")
-    # (ii) gating
-    probe_rate = {o: slope(curves.get(o, []), "act_out_rate") for o in stats}
-    lines.append(
-        f"(ii) Gating. act_out elements with |x| > {tau:g}: " + ", ".join(
-            f"{o} {_fmt(s.get(key), '.2e')}" for o, s in stats.items())
-        + "; change per unit probe shift: " + ", ".join(f"{o} {_fmt(v, '.2e')}" for o, v in probe_rate.items())
-        + ". Max |act_out| per token (mean): " + ", ".join(
-            f"{o} {_fmt(s.get('act_out_token_absmax'))}" for o, s in stats.items()) + ".")
-    # candidates: the two single changes
-    cands = []
-    for o, label in ((ACTIVATION_ONLY, "change the activation to SwiGLU"), (NORM_ONLY, "change the norm to RMSNorm")):
-        s = stats.get(o)
-        if not s or s.get(key) is None:
-            lines.append(f"{o} ({label}): no data.")
-            continue
-        ratio = s[key] / base[key] if base[key] else (math.inf if s[key] else 1.0)
-        q_ok, q_note = _quality_ok(o, main, comp)
-        cands.append((ratio, o, label, q_ok))
-        lines.append(f"{o} ({label}): act_out outlier rate {_fmt(ratio)}x the baseline's; quality {q_note}.")
-    if not base[key]:
-        lines.append(f"No act_out element exceeded |x| > {tau:g} at the baseline (nor any configured threshold): "
-                     "these models have no post-activation outliers to reduce, so the outlier criterion cannot "
-                     "separate the options; lower normswap_observe.thresholds or use the probe (c > 0).")
-    good = sorted(c for c in cands if c[0] < REDUCTION and c[3] and base[key])
-    if good:
-        ratio, choice, label, _ = good[0]
-        verdict = "decided"
-        lines.append(f"Decision: {label} ({choice}) is the most defensible first experiment: it cuts post-activation "
-                     f"outliers to {_fmt(ratio)}x the baseline while quality holds by the rules above.")
+def _ci(s, spec=".3g") -> str:
+    return "n/a" if not s else f"{_fmt(s['value'], spec)} [{_fmt(s['lo'], spec)}, {_fmt(s['hi'], spec)}]"
+
+
+def _yes(x) -> str:
+    return {True: "yes", False: "no", None: "cannot tell"}[x]
+
+
+def explain(v: Verdict, ev: dict[str, Evidence], stats: dict, comp: dict, curves: dict, tau: float) -> list[str]:
+    """The decision in words: the choice, the evidence chain (i) mean subtraction, (ii) gating, int8's cost
+    against the precision floor, throughput; and what would change the verdict."""
+    order = [o for o in OPTIONS if o in ev] + [o for o in ev if o not in OPTIONS]
+    lines = []
+    if v.verdict == "inconclusive":
+        lines.append("Decision: inconclusive: the data cannot separate the options. Missing: " + "; ".join(v.missing)
+                     + ".")
+    elif v.choice == BASELINE:
+        lines.append(f"Decision: change nothing ({BASELINE}, the case study's option {OPTIONS[BASELINE].case_study}). "
+                     f"No change cut act_out outliers below {REDUCTION}x the baseline while keeping quality.")
     else:
-        lines.append("Decision: inconclusive. Neither single change both reduced act_out outliers below "
-                     f"{REDUCTION}x the baseline and preserved quality on these models and documents.")
-    noise = [o for o, c in comp.items() if _overlap(c.get("int8_vs_bf16", {}).get("kl"), c.get("noise_floor", {}).get("kl"))
-             or _overlap(c.get("int8_vs_bf16", {}).get("delta_ppl"), c.get("noise_floor", {}).get("delta_ppl"))]
-    if noise:
-        lines.append("Caveat: the int8-vs-bf16 ΔPPL or KL CI overlaps the bf16 noise floor for " + ", ".join(noise)
-                     + ": int8 quality differences there are inconclusive (within run-to-run noise).")
-    return {"verdict": verdict, "choice": choice, "tau": tau, "text": lines}
-
-
-def _quality_ok(option, main, comp) -> tuple[bool, str]:
-    qb = (main.get(BASELINE, {}).get("quality") or {}).get("ppl_a")
-    qo = (main.get(option, {}).get("quality") or {}).get("ppl_a")
-    if not qb or not qo:
-        return False, "unknown (no perplexity)"
-    notes, ok = [f"bf16 PPL {_fmt(qo['value'])} vs baseline {_fmt(qb['value'])}"], True
-    if qo["lo"] > 1.05 * qb["hi"]:
-        ok = False
-        notes.append("worse beyond 5%")
-    db = comp.get(BASELINE, {}).get("int8_vs_bf16", {}).get("delta_ppl")
-    do = comp.get(option, {}).get("int8_vs_bf16", {}).get("delta_ppl")
-    if db and do:
-        notes.append(f"int8 ΔPPL {_fmt(do['value'])} [{_fmt(do['lo'])}, {_fmt(do['hi'])}] vs baseline "
-                     f"{_fmt(db['value'])} [{_fmt(db['lo'])}, {_fmt(db['hi'])}]")
-        if do["lo"] > db["hi"]:
-            ok = False
-            notes.append("int8 loss clearly larger")
-    return ok, ("holds: " if ok else "does not hold: ") + "; ".join(notes)
+        o = OPTIONS.get(v.choice)
+        name = f"{o.change} ({v.choice}, option {o.case_study})" if o else v.choice
+        lines.append(f"Decision: {name} is the most defensible first experiment: act_out outliers at "
+                     f"{_fmt(v.criteria[v.choice].outlier_ratio)}x the baseline, quality within the rules.")
+    # (i) mean subtraction
+    lines.append("(i) Mean subtraction. Token mean μ entering the pre-FFN norm (norm_in): "
+                 + ", ".join(f"{o} {_fmt(stats[o].get('mu_norm_in'))}" for o in order if stats.get(o))
+                 + "; after it (norm_out): "
+                 + ", ".join(f"{o} {_fmt(stats[o].get('mu_norm_out'))}" for o in order if stats.get(o))
+                 + ". Under the mean-shift probe, dμ(norm_out)/dc = "
+                 + ", ".join(f"{o} {_fmt(ev[o].mu_slope)}" for o in order)
+                 + ": LayerNorm removes a token's mean (slope ≈ 0), RMSNorm passes a shifted mean on to the FFN.")
+    # (ii) gating
+    key = f"rate_{DECISION_SITE}_{tau:g}"
+    probe_rate = {o: slope(curves.get(o, []), "act_out_rate") for o in order}
+    lines.append(f"(ii) Gating. {DECISION_SITE} elements with |x| > {tau:g}: " + ", ".join(
+        f"{o} {_fmt((stats.get(o) or {}).get(key), '.2e')}" for o in order)
+        + "; change per unit probe shift: " + ", ".join(f"{o} {_fmt(probe_rate[o], '.2e')}" for o in order)
+        + f". Max |{DECISION_SITE}| per token (mean): " + ", ".join(
+            f"{o} {_fmt((stats.get(o) or {}).get('act_out_token_absmax'))}" for o in order) + ".")
+    # the rules, option by option
+    for o, c in v.criteria.items():
+        lines.append(f"{o}: outliers {_fmt(c.outlier_ratio)}x the baseline (reduces: {_yes(c.reduces)}); bf16 PPL "
+                     f"{_ci(ev[o].ppl)} vs baseline {_ci(ev[BASELINE].ppl) if BASELINE in ev else 'n/a'} "
+                     f"(within +{PPL_MARGIN:.0%}: {_yes(c.quality)}); int8 KL no worse than the baseline's: "
+                     f"{_yes(c.int8)}.")
+    # int8's cost against the precision floor, and throughput
+    for o in order:
+        e = ev[o]
+        if e.int8_kl or e.throughput:
+            tp = e.throughput
+            lines.append(f"int8 on {o}: KL(bf16‖int8) {_ci(e.int8_kl)} per token = {_ci(e.int8_vs_floor)}x the "
+                         f"precision floor KL(fp32‖bf16) {_ci(e.floor_kl)}; throughput int8÷bf16 {_ci(tp)}"
+                         + (f" ({(comp.get(o, {}).get('load') or {}).get('labels', {}).get('throughput')})"
+                            if tp else "") + ".")
+    # what would change it
+    if v.verdict == "inconclusive":
+        lines.append("What would settle it: " + "; ".join(v.missing) + ".")
+    elif v.choice == BASELINE:
+        why = [f"{o} cutting act_out outliers below {REDUCTION}x the baseline (now {_fmt(c.outlier_ratio)}x)"
+               if not c.reduces else f"{o} keeping bf16 perplexity within +{PPL_MARGIN:.0%} of the baseline"
+               for o, c in v.criteria.items()]
+        lines.append("What would change it: " + "; or ".join(why) + ", on your model and documents "
+                     "(--option ID=PATH, --corpus).")
+    else:
+        lines.append(f"What would change it: {v.choice}'s act_out rate rising above {REDUCTION}x the baseline's, or "
+                     f"its perplexity CI moving above +{PPL_MARGIN:.0%} of the baseline's, on your model and "
+                     "documents (--option ID=PATH, --corpus, more --docs).")
+    return lines

@@ -88,47 +88,55 @@ def probe(results, analysis) -> bytes | None:
 
 
 def quality(results, analysis) -> bytes | None:
+    """int8's cost next to the precision floor (fp32 vs bf16), per option, with 95% CIs; KL on a log axis."""
     comp = {o: c for o, c in results.get("comparisons", {}).items() if c.get("int8_vs_bf16")}
     if not comp:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
     opts = list(comp)
-    for ax, key, title in ((axes[0], "delta_ppl", "ΔPPL int8 − bf16"), (axes[1], "kl", "KL(bf16 ‖ int8) per token"),
+    pairs = ((-0.12, "int8_vs_bf16", "o", "int8 vs bf16"), (0.12, "precision_floor", "s", "floor: bf16 vs fp32"))
+    for ax, key, title in ((axes[0], "delta_ppl", "ΔPPL"), (axes[1], "kl", "KL per token"),
                            (axes[2], "top1_agreement", "top-1 agreement")):
         for i, o in enumerate(opts):
-            for dx, name, fmt in ((-0.12, "int8_vs_bf16", "o"), (0.12, "noise_floor", "s")):
+            for dx, name, fmt, label in pairs:
                 s = comp[o].get(name, {}).get(key)
                 if s:
                     ax.errorbar(i + dx, s["value"], yerr=[[s["value"] - s["lo"]], [s["hi"] - s["value"]]], fmt=fmt,
-                                color=COLORS.get(o), mfc="white" if name == "noise_floor" else COLORS.get(o),
-                                capsize=4, label=("int8 vs bf16" if name == "int8_vs_bf16" else "bf16 noise floor")
-                                if i == 0 else None)
+                                color=COLORS.get(o), mfc="white" if name != "int8_vs_bf16" else COLORS.get(o),
+                                capsize=4, label=label if i == 0 else None)
         ax.set_xticks(range(len(opts)), opts)
         ax.set_title(title + " (95% CI)")
+    axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
     return _png(fig)
 
 
 def serving(results, analysis) -> bytes | None:
-    rows = [r for r in results["runs"] if r.get("load") and not r.get("probe_shift")]
-    if not rows:
+    """int8 ÷ bf16 ratios with 95% CIs (left), and every round's throughput in the order it ran (right)."""
+    comp = {o: c["load"] for o, c in results.get("comparisons", {}).items() if c.get("load")}
+    if not comp:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
-    labels = [f"{r['option']}\n{r['precision']}" for r in rows]
-    colors = [COLORS.get(r["option"], "gray") for r in rows]
-    hatches = ["" if r["precision"] == "bf16" else "//" for r in rows]
-    xs = range(len(rows))
-    bars = axes[0].bar(xs, [r["load"]["output_tokens_per_s"] for r in rows], color=colors)
-    for b, h in zip(bars, hatches):
-        b.set_hatch(h)
-    axes[0].set_title("output tokens/s")
-    for ax, key in ((axes[1], "ttft_ms"), (axes[2], "itl_ms")):
-        for q, m in (("p50", "o"), ("p90", "^"), ("p99", "s")):
-            ax.scatter(xs, [r["load"][key][q] or float("nan") for r in rows], marker=m, c=colors, label=q)
-        ax.set_title(key.replace("_ms", " (ms)"))
-        ax.legend(fontsize=8)
-    for ax in axes:
-        ax.set_xticks(list(xs), labels, fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 3.8))
+    ax = axes[0]
+    for i, o in enumerate(comp):
+        for dx, key, m in ((-0.2, "throughput", "o"), (0.0, "ttft_p50", "^"), (0.2, "tpot_p50", "s")):
+            s = comp[o].get(key)
+            if s:
+                ax.errorbar(i + dx, s["value"], yerr=[[s["value"] - s["lo"]], [s["hi"] - s["value"]]], fmt=m,
+                            color=COLORS.get(o), capsize=4, label=key if i == 0 else None)
+    ax.axhline(1.0, color="gray", lw=1)
+    ax.axhspan(0.95, 1.05, color="gray", alpha=0.15, lw=0)
+    ax.set_xticks(range(len(comp)), list(comp))
+    ax.set_title("int8 ÷ bf16 (throughput: higher is better; latency: lower)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for o, ld in comp.items():
+        per = ld["per_round_tokens_per_s"]
+        ax.plot(range(len(per["a"])), per["a"], "o-", color=COLORS.get(o), label=f"{o} bf16")
+        ax.plot(range(len(per["b"])), per["b"], "s--", color=COLORS.get(o), mfc="white", label=f"{o} int8")
+    ax.set_xlabel("round (bf16 and int8 alternate)")
+    ax.set_title("output tokens/s per round")
+    ax.legend(fontsize=7, ncol=2)
     return _png(fig)
 
 
@@ -136,6 +144,6 @@ FIGURES = {
     "Outlier rate per layer, by site and option (bf16, quality documents)": outlier_rates,
     "Token-mean μ histograms at norm_in / norm_out (bf16)": token_means,
     "Mean-shift probe": probe,
-    "int8 vs bf16 quality, with the bf16 noise floor": quality,
-    "Throughput and latency percentiles, int8 vs bf16": serving,
+    "int8 vs bf16 quality, against the precision floor (fp32 vs bf16)": quality,
+    "Throughput and latency, int8 ÷ bf16 with CIs, and every round": serving,
 }

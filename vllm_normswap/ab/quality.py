@@ -13,7 +13,9 @@ Divergence between two servers (A = reference, e.g. bf16; B = e.g. int8) at each
 - top-1 agreement: the argmax of A's top-k equals B's;
 - ΔPPL = PPL(B) - PPL(A).
 CIs: paired percentile bootstrap over documents (documents are the independent unit; tokens within a document are
-not), token-weighted like the point estimates.
+not), token-weighted like the point estimates, all resamples drawn as one index matrix.
+The precision floor: the same documents scored by the same weights in fp32 (the pure-torch reference model,
+``reference_scores``); KL(fp32 || bf16) is what bf16 rounding alone costs, the yardstick for int8's KL.
 """
 
 from __future__ import annotations
@@ -127,33 +129,74 @@ def per_doc_sums(a: list[ScoredDoc], b: list[ScoredDoc] | None = None) -> dict[s
     return sums
 
 
-def _stats(s: dict[str, np.ndarray]) -> dict[str, float]:
-    n = s["n"].sum()
-    out = {"ppl_a": float(math.exp(s["nll_a"].sum() / n))}
+def _stats(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Token-weighted statistics of per-document sums; arrays of shape [..., docs] give results of shape [...]
+    (one row per bootstrap resample)."""
+    n = s["n"].sum(-1)
+    out = {"ppl_a": np.exp(s["nll_a"].sum(-1) / n)}
     if "nll_b" in s:
-        out["ppl_b"] = math.exp(s["nll_b"].sum() / n)
+        out["ppl_b"] = np.exp(s["nll_b"].sum(-1) / n)
         out["delta_ppl"] = out["ppl_b"] - out["ppl_a"]
-        out["kl"] = float(s["kl"].sum() / n)
-        out["top1_agreement"] = float(s["agree"].sum() / n)
+        out["kl"] = s["kl"].sum(-1) / n
+        out["top1_agreement"] = s["agree"].sum(-1) / n
     return out
 
 
-def summarize(a: list[ScoredDoc], b: list[ScoredDoc] | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Point estimates with 95% paired-bootstrap CIs over documents: {name: {"value", "lo", "hi"}} + counts."""
+N_BOOT = 2000  # resamples of the paired bootstrap: percentile CIs at 2.5/97.5 need a few thousand
+
+
+def summarize(a: list[ScoredDoc], b: list[ScoredDoc] | None = None, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """Point estimates with 95% paired-bootstrap CIs over documents: {name: {"value", "lo", "hi"}} + counts.
+    Paired: one resample of document indices serves A and B, so their shared per-document difficulty cancels."""
     sums = per_doc_sums(a, b)
-    point = _stats(sums)
-    rng = np.random.default_rng(seed)
+    return summarize_sums(sums, n_boot, seed)
+
+
+def summarize_sums(sums: dict[str, np.ndarray], n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    point = {k: float(v) for k, v in _stats(sums).items()}
     k = len(sums["n"])
-    boots = {name: [] for name in point}
-    for _ in range(n_boot):
-        idx = rng.integers(0, k, k)
-        for name, v in _stats({key: arr[idx] for key, arr in sums.items()}).items():
-            boots[name].append(v)
+    idx = np.random.default_rng(seed).integers(0, k, (n_boot, k))  # every resample at once: [n_boot, docs]
+    boots = _stats({key: arr[idx] for key, arr in sums.items()})
     result = {name: {"value": v, "lo": float(np.percentile(boots[name], 2.5)),
                      "hi": float(np.percentile(boots[name], 97.5))} for name, v in point.items()}
     result["documents"] = k
     result["tokens"] = int(sums["n"].sum())
+    result["resamples"] = n_boot
     return result
+
+
+def ratio_of_kl(num: dict[str, np.ndarray], den: dict[str, np.ndarray], n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """KL(num) / KL(den) on the same documents, with a paired bootstrap CI: "int8's KL is k x the floor's"."""
+    if not np.array_equal(num["n"], den["n"]):
+        raise ValueError("the two comparisons scored different documents")
+    k = len(num["n"])
+    idx = np.random.default_rng(seed).integers(0, k, (n_boot, k))
+    ratio = num["kl"][idx].sum(-1) / np.maximum(den["kl"][idx].sum(-1), 1e-300)
+    value = float(num["kl"].sum() / max(den["kl"].sum(), 1e-300))
+    return {"value": value, "lo": float(np.percentile(ratio, 2.5)), "hi": float(np.percentile(ratio, 97.5))}
+
+
+def reference_scores(checkpoint, docs: list[list[int]], top_k: int = 20, ctxlen: int = 1) -> list[ScoredDoc]:
+    """The documents scored in fp32 by the pure-torch reference model, in the server's format (top-k by id)."""
+    import torch
+
+    from vllm_normswap.checkpoints.io import load_reference
+
+    model = load_reference(checkpoint)
+    out = []
+    with torch.no_grad():
+        for ids in docs:
+            logp = model.forward(torch.tensor(ids)).float().log_softmax(-1)[:-1]  # position t predicts ids[t + 1]
+            target = torch.tensor(ids[1:])
+            token_lp = logp.gather(-1, target[:, None])[:, 0]
+            top_v, top_i = logp.topk(top_k, -1)
+            tops = []
+            for t in range(ctxlen - 1, len(ids) - 1):
+                top = dict(zip(top_i[t].tolist(), top_v[t].tolist()))
+                top[int(target[t])] = float(token_lp[t])  # the server's top-k also carries the actual token
+                tops.append(top)
+            out.append(ScoredDoc(token_lp[ctxlen - 1:].tolist(), tops))
+    return out
 
 
 def perplexity(docs: list[ScoredDoc]) -> float:

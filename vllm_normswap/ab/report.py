@@ -31,11 +31,39 @@ def tables(results: dict, an: dict) -> list[tuple[str, list[str], list[list[str]
                      f"{_fmt(ld.get('ttft_ms', {}).get('p50'), '.0f')}/{_fmt(ld.get('ttft_ms', {}).get('p99'), '.0f')}",
                      f"{_fmt(ld.get('itl_ms', {}).get('p50'), '.0f')}/{_fmt(ld.get('itl_ms', {}).get('p99'), '.0f')}",
                      _fmt(ld.get("goodput_rps"), ".2f"), str(ld.get("errors", "–"))])
-    comp = [["option", "ΔPPL int8−bf16", "KL", "top-1 agreement", "noise ΔPPL", "noise KL", "noise top-1"]]
+    comp = [["option", "ΔPPL int8−bf16", "KL(bf16‖int8)", "top-1 agreement", "floor KL(fp32‖bf16)",
+             "int8 KL ÷ floor", "floor ΔPPL bf16−fp32"]]
+    noise = any(c.get("noise_floor") for c in results.get("comparisons", {}).values())
+    if noise:
+        comp[0] += ["bf16-vs-itself KL"]
     for o, c in results.get("comparisons", {}).items():
-        a, n = c.get("int8_vs_bf16", {}), c.get("noise_floor", {})
-        comp.append([o, _ci(a.get("delta_ppl")), _ci(a.get("kl")), _ci(a.get("top1_agreement")),
-                     _ci(n.get("delta_ppl")), _ci(n.get("kl")), _ci(n.get("top1_agreement"))])
+        a, f = c.get("int8_vs_bf16", {}), c.get("precision_floor", {})
+        row = [o, _ci(a.get("delta_ppl")), _ci(a.get("kl")), _ci(a.get("top1_agreement")),
+               _ci(f.get("kl")) if f else "skipped: " + str(c.get("precision_floor_skipped", "–"))[:60],
+               _ci(c.get("int8_kl_vs_floor")), _ci(f.get("delta_ppl"))]
+        comp.append(row + ([_ci(c.get("noise_floor", {}).get("kl"))] if noise else []))
+    load = [["option", "tok/s int8÷bf16", "TTFT p50 int8÷bf16", "TPOT p50 int8÷bf16", "windows bf16/int8",
+             "bf16 tok/s per round", "int8 tok/s per round"]]
+    for o, c in results.get("comparisons", {}).items():
+        ld = c.get("load")
+        if not ld:
+            continue
+        lab = ld["labels"]
+        per = ld["per_round_tokens_per_s"]
+        load.append([o, f"{_ci(ld['throughput'])}: {lab['throughput']}", f"{_ci(ld['ttft_p50'])}: {lab['ttft_p50']}",
+                     f"{_ci(ld['tpot_p50'])}: {lab['tpot_p50']}", f"{ld['windows']['a']}/{ld['windows']['b']}",
+                     ", ".join(_fmt(x, ".0f") for x in per["a"]), ", ".join(_fmt(x, ".0f") for x in per["b"])])
+    timing = results["meta"].get("timing", {})
+    split = [["phase", "seconds", "share"]]
+    for k in ("startup", "warmup", "quality", "load", "probe", "other", "total"):
+        if k in timing:
+            split.append([k, f"{timing[k]:.0f}", f"{100 * timing[k] / max(timing['total'], 1e-9):.0f}%"])
+    warm = [["server", "warm-up s", "rounds", "settled", "median step ms per round"]]
+    for r in results["runs"]:
+        w = r.get("warmup")
+        if w:
+            warm.append([r["name"], f"{w['seconds']:.1f}", str(w["rounds"]), str(w["settled"]),
+                         ", ".join(f"{x:.1f}" for x in w["median_step_ms"])])
     probe = [["option", "c", "μ norm_in", "μ norm_out", f"act_out >{an['tau']:g}", "PPL"]]
     for o, pts in an["probe"].items():
         for p in pts:
@@ -46,8 +74,13 @@ def tables(results: dict, an: dict) -> list[tuple[str, list[str], list[list[str]
             probe.append([o + " (reference)", f"{p['c']:g}", _fmt(p["mu_norm_in"]), _fmt(p["mu_norm_out"]),
                           _fmt(p["act_out_rate"], ".2e"), _fmt(p["ppl"])])
     return [(f"Server runs ({an['tau']:g} = outlier threshold)", runs[0], runs[1:]),
-            ("Quality: int8 vs bf16 and the bf16 noise floor (95% bootstrap CIs over documents)", comp[0], comp[1:]),
-            ("Mean-shift probe", probe[0], probe[1:])]
+            ("Quality: int8 vs bf16 against the precision floor (fp32 reference vs bf16 server; 95% paired bootstrap "
+             "CIs over documents)", comp[0], comp[1:]),
+            ("Load: int8 ÷ bf16 over alternating rounds (95% bootstrap CIs; a CI containing 1 or within ±5% reads "
+             "'no difference')", load[0], load[1:]),
+            ("Mean-shift probe", probe[0], probe[1:]),
+            ("Where the time went", split[0], split[1:]),
+            ("Warm-up (excluded from every statistic)", warm[0], warm[1:])]
 
 
 def _md_table(head, rows) -> str:
@@ -64,7 +97,9 @@ def write(results: dict, run_dir) -> dict[str, Path]:
     tabs = tables(results, an)
     figs = {title: fn(results, an) for title, fn in plots.FIGURES.items()}
     dec = an["decision"]
-    head = (f"normswap A/B report {meta['timestamp']}: {len(results['runs'])} server runs in {meta['wall_s']:.0f} s; "
+    t = meta.get("timing", {})
+    head = (f"normswap A/B report {meta['timestamp']}: {len(results['runs'])} server runs in {meta['wall_s']:.0f} s "
+            f"({100 * (t.get('measuring_fraction') or 0):.0f}% of it measuring); "
             f"workload: {meta['workload']['documents']} held-out documents, {meta['workload']['prompts']} prompts "
             f"({meta['workload']['source']}, seed {meta['workload']['seed']}).")
     md = [f"# normswap A/B report\n\n{head}\n", "## Decision\n", *[f"- {line}" for line in dec["text"]], ""]

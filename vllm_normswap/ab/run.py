@@ -1,87 +1,187 @@
-"""`normswap ab`: every option x {bf16, int8} through a real vLLM server, the mean-shift probe, and the report.
+"""`normswap ab`: every option x {bf16, int8} through a real vLLM server, the precision floor, the mean-shift
+probe, and the decision report.
 
-Per server: start, wait for /health, scrape /metrics, quality eval (prompt logprobs of the held-out documents),
-scrape again (the observer's counts for exactly those tokens, identical across options), locust load test,
-scrape, stop; the server log is kept. A server or eval that fails is recorded in results.json and the run goes on.
-Servers start in groups (--parallel-starts, 2 on CPU): start-up overlaps, measurement never does.
-Probe: for each option, bf16 servers with probe_shift = c for each c of --probe-shifts (c = 0 is the plain bf16
-run), scoring the same documents: token means at norm_in/norm_out and act_out outliers as c grows.
+A straight line of steps (``run``):
+1. arguments are checked before anything is created (``targets``): option ids, precisions, checkpoints, endpoints;
+2. per option, its bf16 and int8 servers start together, then each is warmed up (ab/warmup.py), scored on the
+   held-out documents (quality, observer counts for exactly those tokens), and load-tested by locust in
+   alternating rounds (bf16, int8, bf16, int8, ...) until both have run --load-seconds and --min-requests;
+3. probe servers (probe_shift = c) score the same documents for one LayerNorm and one RMSNorm option;
+4. in-process: the fp32 reference model scores the documents (the precision floor) and draws the probe curve;
+5. comparisons, the decision and the report; the exit code is 1 if any server run failed.
+With --endpoint NAME=URL nothing is started: the same steps run against servers that already run.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
+import math
 import time
 import traceback
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_normswap.ab import loadgen, metrics, quality
-from vllm_normswap.ab.servers import ServerRun, ServerSpec
+from vllm_normswap.ab import loadgen, loadstats, metrics, quality
+from vllm_normswap.ab.servers import ServerRun, ServerSpec, free_port, log_errors
+from vllm_normswap.ab.warmup import warm_up
 from vllm_normswap.ab.workload import build_workload
-from vllm_normswap.registry import OPTIONS
+from vllm_normswap.registry import BASELINE, NORM_ROLE, OPTIONS, PRECISIONS, parse_list
+
+
+def _list_of(flag: str, allowed):
+    def parse(text: str) -> list[str]:
+        try:
+            return parse_list(flag, text, allowed) if text.strip() else []
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of numbers, e.g. 0,2,4") from None
+
+
+def _pair(flag: str):
+    def parse(text: str) -> tuple[str, str]:
+        if "=" not in text:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE (see {flag} in --help)")
+        key, value = text.split("=", 1)
+        return key.strip(), value.strip()
+    return parse
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--option", action="append", default=[], metavar="ID=PATH",
-                   help="an option's checkpoint (repeatable); default: the four embedded zoo models")
-    p.add_argument("--options", default=",".join(OPTIONS), help="which option ids to run (comma list)")
-    p.add_argument("--precisions", default="bf16,int8", help="comma list of bf16, int8")
-    p.add_argument("--url", help="measure this running server instead of starting any (no int8 pair, no probe)")
-    p.add_argument("--probe-shifts", default="8", help="probe servers: constants c > 0, one server start each "
-                   "per option ('' = none); the fine curve comes from the reference model (--probe-grid)")
-    p.add_argument("--probe-grid", default="0,1,2,4,8,16", help="c values of the reference-model probe curve")
-    p.add_argument("--probe-layers", default="", help="layers the probe shifts (comma list; default all)")
-    p.add_argument("--docs", type=int, default=16, help="held-out documents for the quality eval")
-    p.add_argument("--doc-tokens", type=int, default=256, help="tokens scored per document (incl. prefix)")
-    p.add_argument("--top-k", type=int, default=20, help="top-k logprobs per position (server cap: max-logprobs)")
-    p.add_argument("--prompts", type=int, default=32, help="load-test prompts in the workload")
-    p.add_argument("--max-tokens", type=int, default=16, help="output tokens per load-test request")
-    p.add_argument("--users", type=int, default=4, help="load-test concurrency")
-    p.add_argument("--requests", type=int, default=24, help="load-test requests per server")
-    p.add_argument("--load-seconds", type=int, default=40, help="load-test time limit per server")
-    p.add_argument("--rate-sweep", default="", help="also run a rate sweep: 'dur:rate,dur:rate' (e.g. 10:1,10:4)")
-    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    p.add_argument("--slo-itl-ms", type=float, default=200.0)
-    p.add_argument("--corpus", help="held-out text source (default: the zoo corpus's held-out split)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--compiled", action="store_true",
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--option", action="append", default=[], type=_pair("--option"), metavar="ID=PATH",
+                   help="an option's checkpoint (repeatable); default: the embedded zoo models")
+    g.add_argument("--options", default=list(OPTIONS), type=_list_of("--options", tuple(OPTIONS)),
+                   help="option ids to run (comma list)")
+    g.add_argument("--precisions", default=list(PRECISIONS), type=_list_of("--precisions", PRECISIONS),
+                   help="comma list of " + ", ".join(PRECISIONS))
+    g.add_argument("--endpoint", action="append", default=[], type=_pair("--endpoint"), metavar="NAME=URL",
+                   help="measure a server that already runs (repeatable; NAME is OPTION-PRECISION, e.g. "
+                        "ln-gelu-bf16=http://host:8000); nothing is started")
+    g.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="compare two report folders (runs/<timestamp>) and exit: which labels and ratios changed")
+    q = p.add_argument_group("quality")
+    q.add_argument("--docs", type=int, default=64, help="held-out documents for the quality eval")
+    q.add_argument("--doc-tokens", type=int, default=256, help="tokens per document (incl. the prefix token)")
+    q.add_argument("--top-k", type=int, default=20, help="top-k logprobs per position (server cap: max-logprobs)")
+    q.add_argument("--self-noise", choices=("auto", "on", "off"), default="auto",
+                   help="also score bf16 against itself (other batch shapes): non-zero only with batch-variant "
+                        "kernels, so 'auto' = on with a GPU")
+    q.add_argument("--corpus", help="held-out text source (default: the zoo corpus's held-out split)")
+    ld = p.add_argument_group("load")
+    ld.add_argument("--users", type=int, default=4, help="load-test concurrency")
+    ld.add_argument("--prompts", type=int, default=64, help="load-test prompts in the workload")
+    ld.add_argument("--max-tokens", type=int, default=16, help="output tokens per load-test request")
+    ld.add_argument("--load-seconds", type=float, default=30.0, help="measured load per server (after warm-up)")
+    ld.add_argument("--min-requests", type=int, default=200, help="at least this many measured requests per server")
+    ld.add_argument("--rounds", type=int, default=3, help="alternating load rounds per server")
+    ld.add_argument("--window-s", type=float, default=2.0, help="throughput window for the ratio CIs")
+    ld.add_argument("--warmup-max-s", type=float, default=120.0, help="give up settling the warm-up after this")
+    ld.add_argument("--rate-sweep", default="", help="also run a rate sweep: 'dur:rate,dur:rate' (e.g. 10:1,10:4)")
+    ld.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput SLO on time to first token")
+    ld.add_argument("--slo-itl-ms", type=float, default=200.0, help="goodput SLO on mean inter-token latency")
+    pr = p.add_argument_group("mean-shift probe")
+    pr.add_argument("--probe-shifts", default=[8.0], type=_floats,
+                    help="probe servers: constants c > 0, one server start each ('' = none)")
+    pr.add_argument("--probe-options", default="auto",
+                    help="options that get probe servers: 'auto' = the baseline and one RMSNorm option, 'all', or "
+                         "a comma list; the fine curve for every option comes from the reference model")
+    pr.add_argument("--probe-grid", default=[0.0, 1.0, 2.0, 4.0, 8.0, 16.0], type=_floats,
+                    help="c values of the reference-model probe curve")
+    pr.add_argument("--probe-layers", default="", help="layers the probe shifts (comma list; default all)")
+    s = p.add_argument_group("servers")
+    s.add_argument("--seed", type=int, default=0, help="workload seed")
+    s.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM -tp for every server")
+    s.add_argument("--compiled", action="store_true",
                    help="let vLLM compile (default: --enforce-eager, ~50 s less per server start on CPU)")
-    p.add_argument("--port", type=int, default=8200, help="first port; servers started together use the next ones")
-    p.add_argument("--parallel-starts", type=int, default=0,
-                   help="servers started together, then measured one at a time (default: 2 on CPU with >= 12 GB "
-                        "free memory, 1 with a GPU, where each server claims most of its memory)")
-    p.add_argument("--out", default="runs", help="parent directory of runs/<timestamp>/")
+    s.add_argument("--port", type=int, default=0, help="first port (0: free ports)")
+    s.add_argument("--parallel-starts", type=int, default=0,
+                   help="servers started together (0: 2 on CPU with >= 12 GB free memory, 1 with a GPU)")
+    s.add_argument("--out", default="runs", help="parent directory of runs/<timestamp>/")
     p.epilog = "Further vLLM server flags go after --, e.g.  -- --device cuda --gpu-memory-utilization 0.5"
 
 
+@dataclass
+class Target:
+    """One server to measure: started here (spec) or already running (url)."""
+    name: str
+    option: str
+    precision: str
+    probe_shift: float = 0.0
+    spec: ServerSpec | None = None
+    url: str | None = None
+
+
 def _checkpoints(args) -> dict[str, str]:
-    chosen = [o.strip() for o in args.options.split(",") if o.strip()]
     given = {}
-    for item in args.option:
-        if "=" not in item:
-            raise SystemExit(f"--option {item!r}: expected ID=PATH, e.g. --option rms-gelu=./my-ckpt")
-        oid, path = item.split("=", 1)
+    for oid, path in args.option:
         if oid not in OPTIONS:
             raise SystemExit(f"--option {oid}=...: unknown option id; choose from {', '.join(OPTIONS)}")
         if not (Path(path) / "config.json").is_file():
             raise SystemExit(f"--option {oid}={path}: no config.json there (a checkpoint directory is needed)")
         given[oid] = path
-    if given:
+    if given or args.endpoint:
         return given
     from vllm_normswap.checkpoints import zoo
 
-    find = getattr(zoo, "zoo_path", None) or zoo.option_dir
-    paths = {o: Path(find(o)) for o in chosen}
+    paths = {o: Path(zoo.option_dir(o)) for o in args.options}
     missing = [o for o, p in paths.items() if not (p / "config.json").is_file()]
     if missing:
         raise SystemExit(f"the embedded zoo has no checkpoint for {', '.join(missing)} (looked in "
                          f"{paths[missing[0]].parent}); run `normswap zoo build` or pass --option ID=PATH")
     return {o: str(p) for o, p in paths.items()}
+
+
+def _endpoint_targets(args) -> list[Target]:
+    out = []
+    for name, url in args.endpoint:
+        option, _, precision = name.rpartition("-")
+        if option not in OPTIONS or precision not in PRECISIONS:
+            raise SystemExit(f"--endpoint {name}={url}: NAME must be OPTION-PRECISION with OPTION in "
+                             f"{', '.join(OPTIONS)} and PRECISION in {', '.join(PRECISIONS)}, e.g. ln-gelu-bf16")
+        if not url.startswith(("http://", "https://")):
+            raise SystemExit(f"--endpoint {name}={url}: the URL must start with http:// or https://")
+        out.append(Target(name, option, precision, url=url.rstrip("/")))
+    return out
+
+
+def probe_options(args, options: list[str]) -> list[str]:
+    if args.probe_options == "all":
+        return options
+    if args.probe_options == "auto":  # one LayerNorm (the baseline) and one RMSNorm option cross-check the curve
+        rms = [o for o in options if OPTIONS[o].role == NORM_ROLE] or [o for o in options
+                                                                        if OPTIONS[o].norm_type == "rmsnorm"]
+        return [o for o in options if o == BASELINE] + rms[:1]
+    return [o for o in parse_list("--probe-options", args.probe_options, options)]
+
+
+def targets(args, extra: list[str]) -> tuple[list[list[Target]], list[Target], dict[str, str]]:
+    """Measured groups (an option's precisions together), probe servers, checkpoints. Exits 2 on bad input."""
+    ckpts = _checkpoints(args)
+    if args.endpoint:
+        eps = _endpoint_targets(args)
+        groups = [[t for t in eps if t.option == o] for o in dict.fromkeys(t.option for t in eps)]
+        return groups, [], ckpts
+    layers = [int(x) for x in args.probe_layers.split(",") if x.strip()] or None
+    options = list(ckpts)
+    groups = [[Target(f"{o}-{p}", o, p, spec=ServerSpec(o, ckpts[o], p, extra=extra)) for p in args.precisions]
+              for o in options]
+    probes = [Target(f"{o}-bf16-probe{c:g}", o, "bf16", c, spec=ServerSpec(o, ckpts[o], "bf16", c, layers,
+                                                                                extra=extra))
+              for o in (probe_options(args, options) if args.probe_shifts else []) for c in args.probe_shifts]
+    return groups, probes, ckpts
 
 
 def default_parallel_starts() -> int:
@@ -93,8 +193,12 @@ def default_parallel_starts() -> int:
     return 2 if psutil.virtual_memory().available >= 12 * 2**30 else 1
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _self_noise(args) -> bool:
+    if args.self_noise == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return args.self_noise == "on"
 
 
 class Runner:
@@ -104,139 +208,231 @@ class Runner:
                                        max_tokens=args.max_tokens, seed=args.seed, corpus=args.corpus)
         self.prompts_path = self.workload.save_prompts(run_dir / "workload" / "prompts.jsonl")
         self.doc_ids: list[list[int]] | None = None  # tokenized once, by the first server (shared tokenizer)
-        self.scored: dict[str, list] = {}  # run name -> scored documents (kept in memory for comparisons)
-        self.port = args.port
-        self.extra = ([] if args.compiled else ["--enforce-eager"]) + (
-            ["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size > 1 else []) \
-            + list(getattr(args, "passthrough", []) or [])
+        self.scored: dict[str, list] = {}  # run name -> scored documents
+        self.rounds: dict[str, list[list[dict]]] = defaultdict(list)  # run name -> locust records per round
+        self.timing: dict[str, float] = defaultdict(float)  # seconds per phase (the report's time split)
+        self.noise = _self_noise(args)
+        self.next_port = args.port
+
+    def port(self) -> int:
+        if not self.next_port:
+            return free_port()
+        self.next_port += 1
+        return self.next_port - 1
+
+    # ---- one group of servers: start together, then warm up, score, load in alternating rounds, stop ----
+
+    def group(self, group: list[Target], load: bool) -> list[dict]:
+        recs = {t.name: {"name": t.name, "option": t.option, "precision": t.precision, "probe_shift": t.probe_shift,
+                         **({"url": t.url} if t.url else {"checkpoint": t.spec.model})} for t in group}
+        runs = self._start(group, recs)
+        try:
+            live = [t for t in group if recs[t.name].get("status") != "failed"]
+            for t in live:
+                self._step(recs[t.name], "warmup" if load else None, lambda t=t: self._warm(t, recs[t.name]))
+                self._step(recs[t.name], "quality" if load else "probe", lambda t=t: self._quality(t, recs[t.name]))
+            if load:
+                live = [t for t in live if recs[t.name].get("status") != "failed"]
+                self._step_all(live, recs, lambda: self._load(live, recs))
+        finally:
+            for run in runs.values():
+                run.stop()
+        for r in recs.values():
+            r.setdefault("status", "ok")
+        return list(recs.values())
+
+    def _start(self, group: list[Target], recs: dict) -> dict[str, ServerRun]:
+        runs = {}
+        for t in group:
+            if t.url:
+                continue
+            rec = recs[t.name]
+            try:
+                run = ServerRun(t.spec, self.port(), self.dir / "logs")
+                rec["command"], rec["log"] = run.argv, str(run.log.relative_to(self.dir))
+                runs[t.name] = run.start()
+            except Exception as e:
+                self._failed(rec, e)
+        t0 = time.monotonic()
+
+        def wait(item):
+            name, run = item
+            try:
+                return name, run.wait()
+            except Exception as e:
+                return name, e
+
+        with ThreadPoolExecutor(max(len(runs), 1)) as pool:
+            for name, url in pool.map(wait, runs.items()):
+                t = next(t for t in group if t.name == name)
+                if isinstance(url, Exception):
+                    self._failed(recs[name], url)
+                else:
+                    t.url = url
+                    recs[name]["startup_s"] = runs[name].startup_s
+        self.timing["startup"] += time.monotonic() - t0
+        return runs
+
+    def _step(self, rec: dict, phase: str | None, fn) -> None:
+        if rec.get("status") == "failed":
+            return
+        t0 = time.monotonic()
+        try:
+            fn()
+        except Exception as e:
+            self._failed(rec, e)
+        if phase:
+            self.timing[phase] += time.monotonic() - t0
+
+    def _step_all(self, live, recs, fn) -> None:
+        t0 = time.monotonic()
+        try:
+            fn()
+        except Exception as e:
+            for t in live:
+                self._failed(recs[t.name], e)
+        self.timing["load"] += time.monotonic() - t0
+
+    def _warm(self, t: Target, rec: dict) -> None:
+        model = quality.model_info(t.url)["id"]
+        rec["served_model"] = model
+        rec["warmup"] = warm_up(t.url, model, self.workload.prompts, self.args.users, self.args.max_tokens,
+                                max_seconds=self.args.warmup_max_s)
+
+    def _quality(self, t: Target, rec: dict) -> None:
+        model = rec.get("served_model") or quality.model_info(t.url)["id"]
+        rec["served_model"] = model
+        m0 = metrics.settled_scrape(t.url, tries=2)
+        docs = self.documents(t.url, model)
+        self.scored[t.name] = quality.score(t.url, model, docs, self.args.top_k)
+        rec["quality"] = quality.summarize(self.scored[t.name])
+        if self.noise and t.precision == "bf16" and not t.probe_shift:
+            self.scored[t.name + "#repeat"] = quality.score(t.url, model, docs, self.args.top_k, batch=1,
+                                                            order=list(range(len(docs)))[::-1])
+        m1 = metrics.settled_scrape(t.url)
+        rec["observer"] = metrics.diff(m1, m0)
+        rec["observer_present"] = metrics.has_observer(m1)
+        rec["_m1"] = m1
+
+    def _load(self, live: list[Target], recs: dict) -> None:
+        """Alternating rounds, each server in turn, until each has --load-seconds and --min-requests measured."""
+        a = self.args
+        per_round = max(a.load_seconds / max(a.rounds, 1), 2.0)
+        done = defaultdict(int)
+        rounds = 0
+        while live and (rounds < a.rounds or min(done[t.name] for t in live) < a.min_requests):
+            if rounds >= 4 * max(a.rounds, 1):  # a server too slow for --min-requests: stop, and say so
+                for t in live:
+                    recs[t.name]["load_note"] = (f"{done[t.name]} requests after {rounds} rounds, fewer than "
+                                                 f"--min-requests {a.min_requests}")
+                break
+            for t in live:
+                d = self.dir / "load" / t.name / f"round{rounds}"
+                proc = loadgen.run_locust(t.url, self.prompts_path, d, users=a.users, run_time_s=math.ceil(per_round),
+                                          model=recs[t.name]["served_model"], seed=a.seed + rounds)
+                records, _ = loadgen.read_records(d / "records")
+                if not records:
+                    raise RuntimeError(f"locust produced no requests (exit {proc.returncode}); see {d / 'locust.log'}")
+                self.rounds[t.name].append(records)
+                done[t.name] += len(loadstats.steady_requests(records))
+            rounds += 1
+        for t in live:
+            rec = recs[t.name]
+            records = [r for rnd in self.rounds[t.name] for r in loadstats.steady_requests(rnd)]
+            summary = loadgen.summarize(records, a.slo_ttft_ms, a.slo_itl_ms)
+            summary["rounds"] = len(self.rounds[t.name])
+            summary["round_seconds"] = per_round
+            summary["requests_all"] = sum(len(r) for r in self.rounds[t.name])
+            if a.rate_sweep:
+                table = [tuple(map(float, x.split(":"))) for x in a.rate_sweep.split(",")]
+                ds = self.dir / "load" / t.name / "sweep"
+                loadgen.run_locust(t.url, self.prompts_path, ds, model=rec["served_model"], seed=a.seed,
+                                   rate_table=table, per_user_rate=0.5)
+                recs_s, st = loadgen.read_records(ds / "records")
+                summary["sweep"] = loadgen.summarize_sweep(recs_s, st, table, slo_ttft_ms=a.slo_ttft_ms,
+                                                           slo_itl_ms=a.slo_itl_ms) if st else []
+            loadgen.to_csv(summary, self.dir / "load" / t.name / "latency.csv")
+            rec["load"] = summary
+            m2 = metrics.settled_scrape(t.url, tries=2)
+            rec["observer_load"] = metrics.diff(m2, rec.pop("_m1"))
+
+    # ---- shared pieces ----
 
     def documents(self, url: str, model: str) -> list[list[int]]:
         info = quality.model_info(url)
         window = min(self.args.doc_tokens, int(info.get("max_model_len") or self.args.doc_tokens) - 1)
-        eos = _eos_id(url, model)
-        docs = quality.prepare_documents(url, model, self.workload.documents, window, eos)
+        docs = quality.prepare_documents(url, model, self.workload.documents, window, _eos_id(url, model))
         if self.doc_ids is not None and docs != self.doc_ids:
             raise RuntimeError("this checkpoint tokenizes the documents differently from the first one: "
                                "ΔPPL/KL compare only models with the same tokenizer")
         self.doc_ids = self.doc_ids or docs
         return docs
 
-    def measure(self, url: str, name: str, load: bool, noise: bool) -> dict:
-        """Everything one server is asked; failures of a step are recorded, later steps still run."""
-        out: dict = {}
-        model = quality.model_info(url)["id"]
-        out["served_model"] = model
-        m0 = metrics.settled_scrape(url, tries=2)
-        try:
-            docs = self.documents(url, model)
-            self.scored[name] = quality.score(url, model, docs, self.args.top_k)
-            out["quality"] = quality.summarize(self.scored[name], n_boot=200)
-            if noise:  # bf16 vs itself: same documents, one per request in reverse order (other batch shapes)
-                self.scored[name + "#repeat"] = quality.score(url, model, docs, self.args.top_k, batch=1,
-                                                              order=list(range(len(docs)))[::-1])
-        except Exception as e:
-            out["quality_error"] = f"{type(e).__name__}: {e}"
-        m1 = metrics.settled_scrape(url)
-        out["observer"] = metrics.diff(m1, m0)
-        out["observer_present"] = metrics.has_observer(m1)
-        if load:
-            try:
-                out["load"] = self.load(url, name, model)
-            except Exception as e:
-                out["load_error"] = f"{type(e).__name__}: {e}"
-            m2 = metrics.settled_scrape(url, tries=2)
-            out["observer_load"] = metrics.diff(m2, m1)
-        return out
-
-    def load(self, url: str, name: str, model: str) -> dict:
-        a = self.args
-        d = self.dir / "load" / name
-        proc = loadgen.run_locust(url, self.prompts_path, d, users=a.users, run_time_s=a.load_seconds,
-                                  max_requests=a.requests, model=model, seed=a.seed)
-        records, start = loadgen.read_records(d / "records")
-        summary = loadgen.summarize(records, a.slo_ttft_ms, a.slo_itl_ms)
-        summary["locust_exit_code"] = proc.returncode
-        loadgen.to_csv(summary, d / "latency.csv")
-        if a.rate_sweep:
-            table = [tuple(map(float, s.split(":"))) for s in a.rate_sweep.split(",")]
-            ds = d / "sweep"
-            loadgen.run_locust(url, self.prompts_path, ds, model=model, seed=a.seed, rate_table=table,
-                               per_user_rate=0.5)
-            recs, st = loadgen.read_records(ds / "records")
-            summary["sweep"] = loadgen.summarize_sweep(recs, st, table, slo_ttft_ms=a.slo_ttft_ms,
-                                                       slo_itl_ms=a.slo_itl_ms) if st else []
-        if not records:
-            raise RuntimeError(f"locust produced no requests (exit {proc.returncode}); see {d / 'locust.log'}")
-        return summary
-
-    def server_runs(self, group: list[tuple[ServerSpec, bool, bool]]) -> list[dict]:
-        """Start the servers of ``group`` together (vLLM's start-up is mostly single-threaded imports in three
-        processes, so starts overlap well), then measure them one at a time: while one is measured the others
-        sit idle and healthy, so load numbers are not shared with another server's work."""
-        started = []
-        for i, (spec, _, _) in enumerate(group):
-            rec = {"name": spec.name, "option": spec.option, "precision": spec.precision,
-                   "probe_shift": spec.probe_shift, "checkpoint": spec.model, "started_with": len(group)}
-            try:
-                run = ServerRun(spec, self.port + i, self.dir / "logs")
-                rec["command"] = run.argv
-                rec["log"] = str(run.log.relative_to(self.dir))
-                run.start()
-            except Exception as e:
-                run = None
-                self._failed(rec, e)
-            started.append((rec, run, time.monotonic()))
-
-        def wait(run):  # all of the group at once, so each startup_s is its own
-            try:
-                return run.wait() if run is not None else None
-            except Exception as e:
-                return e
-
-        with ThreadPoolExecutor(len(group)) as pool:
-            ready = list(pool.map(wait, [run for _, run, _ in started]))
-        out = []
-        try:
-            for (spec, load, noise), (rec, run, t), url in zip(group, started, ready):
-                if run is not None:
-                    try:
-                        if isinstance(url, Exception):
-                            raise url
-                        rec["startup_s"] = run.startup_s
-                        rec.update(self.measure(url, spec.name, load, noise))
-                        rec["status"] = "ok" if "quality_error" not in rec and "load_error" not in rec else "partial"
-                    except Exception as e:
-                        self._failed(rec, e)
-                    finally:
-                        run.stop()
-                rec["wall_s"] = time.monotonic() - t
-                out.append(rec)
-        finally:
-            for _, run, _ in started:
-                if run is not None:
-                    run.stop()
-        return out
-
     def _failed(self, rec: dict, e: BaseException) -> None:
         rec["status"] = "failed"
-        causes = _log_errors(self.dir / rec["log"]) if "log" in rec else []
+        causes = log_errors(self.dir / rec["log"]) if "log" in rec else []
         rec["error"] = "; ".join(causes) + (" | " if causes else "") + f"{type(e).__name__}: {e}"[-1500:]
         rec["traceback"] = traceback.format_exc()[-3000:]
 
+    # ---- in-process: the fp32 precision floor and the reference probe curve ----
 
-def _log_errors(log: Path, limit: int = 4) -> list[str]:
-    """The exception lines of a server log ('XError: message'), first occurrences: the root cause comes first,
-    vLLM's 'Engine core initialization failed' wrapper last."""
-    import re
+    def reference(self, ckpts: dict[str, str], layers) -> tuple[dict, dict]:
+        import torch
 
-    if not log.is_file():
-        return []
-    found: list[str] = []
-    for line in log.read_text(errors="replace").splitlines():
-        m = None if " WARNING " in line else re.search(r"\b([A-Za-z_.]*(?:Error|Exception)): (.+)$", line)
-        if m and m.group(0) not in found:
-            found.append(m.group(0)[:400])
-    return found[:limit]
+        floor, probe = {}, {}
+        if not self.doc_ids:
+            return floor, probe
+        # one thread: on a shared 2-core box OpenMP's spinning threads made this small model's elementwise ops
+        # 50x slower (1.5 s instead of 27 ms a document) whenever anything else ran
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._reference(ckpts, layers, floor, probe)
+        finally:
+            torch.set_num_threads(threads)
+        return floor, probe
+
+    def _reference(self, ckpts, layers, floor, probe) -> None:
+        from vllm_normswap.ab.probe import reference_curve
+        from vllm_normswap.registry import DEFAULT_THRESHOLDS
+
+        for option, path in tqdm(ckpts.items(), desc="fp32 reference (floor + probe)", unit="option"):
+            t0 = time.monotonic()
+            try:
+                self.scored[f"{option}-fp32"] = quality.reference_scores(path, self.doc_ids, self.args.top_k)
+            except Exception as e:  # e.g. a checkpoint the reference cannot load: no floor for it, said so
+                floor[option] = f"{type(e).__name__}: {e}"
+            self.timing["quality"] += time.monotonic() - t0
+            t0 = time.monotonic()
+            try:
+                probe[option] = reference_curve(path, self.doc_ids, self.args.probe_grid, DEFAULT_THRESHOLDS, layers)
+            except Exception as e:
+                probe[option] = {"error": f"{type(e).__name__}: {e}"}
+            self.timing["probe"] += time.monotonic() - t0
+
+    def comparisons(self, runs: list[dict], floor_errors: dict) -> dict:
+        out = {}
+        window = self.args.window_s
+        for option in dict.fromkeys(r["option"] for r in runs):
+            c: dict = {}
+            bf16, int8, fp32 = f"{option}-bf16", f"{option}-int8", f"{option}-fp32"
+            s = self.scored
+            if bf16 in s and int8 in s:
+                c["int8_vs_bf16"] = quality.summarize(s[bf16], s[int8])
+            if fp32 in s and bf16 in s:
+                c["precision_floor"] = quality.summarize(s[fp32], s[bf16])
+                if int8 in s:
+                    c["int8_kl_vs_floor"] = quality.ratio_of_kl(quality.per_doc_sums(s[bf16], s[int8]),
+                                                                quality.per_doc_sums(s[fp32], s[bf16]))
+            elif option in floor_errors or bf16 in s:
+                c["precision_floor_skipped"] = floor_errors.get(option) or (
+                    "no checkpoint for the fp32 reference model (pass --option ID=PATH with --endpoint)")
+            if bf16 + "#repeat" in s:
+                c["noise_floor"] = quality.summarize(s[bf16], s[bf16 + "#repeat"])
+            if self.rounds.get(bf16) and self.rounds.get(int8):
+                c["load"] = loadstats.pair_ratios(self.rounds[bf16], self.rounds[int8], window)
+            out[option] = c
+        return out
 
 
 def _eos_id(url: str, model: str) -> int | None:
@@ -251,87 +447,55 @@ def _eos_id(url: str, model: str) -> int | None:
     return None
 
 
-def comparisons(scored: dict, runs: list[dict]) -> dict:
-    out = {}
-    for option in dict.fromkeys(r["option"] for r in runs):
-        c = {}
-        bf16, int8 = f"{option}-bf16", f"{option}-int8"
-        if bf16 in scored and int8 in scored:
-            c["int8_vs_bf16"] = quality.summarize(scored[bf16], scored[int8])
-        if bf16 in scored and bf16 + "#repeat" in scored:
-            c["noise_floor"] = quality.summarize(scored[bf16], scored[bf16 + "#repeat"])
-        out[option] = c
-    return out
-
-
-def probe_reference(args, ckpts: dict, docs, layers) -> dict:
-    from vllm_normswap.ab.probe import reference_curve
-    from vllm_normswap.ab.servers import OBSERVER_DEFAULT
-
-    out = {}
-    for option, path in tqdm(ckpts.items(), desc="probe (reference model)", unit="option"):
-        try:
-            out[option] = reference_curve(path, docs, _floats(args.probe_grid), OBSERVER_DEFAULT["thresholds"],
-                                          layers)
-        except Exception as e:  # e.g. a checkpoint the reference cannot load: the server points remain
-            out[option] = {"error": f"{type(e).__name__}: {e}"}
-    return out
-
-
 def run(args) -> int:
+    if args.compare:
+        from vllm_normswap.ab.compare import compare_runs
+
+        return compare_runs(*args.compare)
     from vllm_normswap.ab import report
 
+    t_start = time.monotonic()
+    extra = ([] if args.compiled else ["--enforce-eager"]) + (
+        ["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size > 1 else []) \
+        + list(getattr(args, "passthrough", []) or [])
+    groups, probes, ckpts = targets(args, extra)  # exits on bad input before any folder exists
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
     runner = Runner(args, run_dir)
+    layers = [int(x) for x in args.probe_layers.split(",") if x.strip()] or None
+
     runs: list[dict] = []
-    ckpts, layers = {}, None
-    if args.url:
-        rec = {"name": "url", "option": None, "precision": None, "probe_shift": 0.0, "url": args.url}
-        try:
-            rec.update(runner.measure(args.url.rstrip("/"), "url", load=True, noise=True))
-            rec["status"] = "ok"
-        except Exception as e:
-            rec.update(status="failed", error=f"{type(e).__name__}: {e}")
-        runs.append(rec)
-    else:
-        ckpts = _checkpoints(args)
-        precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-        for p in precisions:
-            if p not in ("bf16", "int8"):
-                raise SystemExit(f"--precisions: {p!r} is not bf16 or int8")
-        layers = [int(x) for x in args.probe_layers.split(",") if x.strip()] or None
-        specs = [(ServerSpec(o, path, p, extra=runner.extra), True, p == "bf16")
-                 for o, path in ckpts.items() for p in precisions]
-        specs += [(ServerSpec(o, path, "bf16", c, layers, extra=runner.extra), False, False)
-                  for o, path in ckpts.items() for c in _floats(args.probe_shifts)]
-        together = args.parallel_starts or default_parallel_starts()
-        bar = tqdm(total=len(specs), desc="normswap ab", unit="server")
-        for i in range(0, len(specs), together):
-            group = specs[i:i + together]
-            bar.set_postfix_str(" + ".join(spec.name for spec, _, _ in group))
-            for rec in runner.server_runs(group):
-                runs.append(rec)
-                bar.update(1)
-                tqdm.write(f"{rec['name']}: {rec['status']} in {rec['wall_s']:.0f}s"
-                           + (f" ({rec['error'][:200]})" if rec.get("error") else ""))
-        bar.close()
-    if not args.url and runner.doc_ids:
-        results_probe = probe_reference(args, ckpts, runner.doc_ids, layers)
-    else:
-        results_probe = {}
+    together = args.parallel_starts or default_parallel_starts()
+    bar = tqdm(total=sum(map(len, groups)) + len(probes), desc="normswap ab", unit="server")
+    batches = [(g, True) for g in groups] + [(probes[i:i + together], False) for i in range(0, len(probes), together)]
+    for group, load in batches:
+        bar.set_postfix_str(" + ".join(t.name for t in group))
+        for rec in runner.group(group, load):
+            runs.append(rec)
+            bar.update(1)
+            tqdm.write(f"{rec['name']}: {rec['status']}" + (f" ({rec['error'][:200]})" if rec.get("error") else ""))
+    bar.close()
+    floor_errors, probe_ref = runner.reference(ckpts, layers)
+    wall = time.monotonic() - t_start
+    timing = {k: round(v, 1) for k, v in runner.timing.items()}
+    timing["total"] = round(wall, 1)
+    timing["other"] = round(wall - sum(v for k, v in runner.timing.items()), 1)
+    timing["measuring_fraction"] = round(sum(runner.timing[k] for k in ("warmup", "quality", "load", "probe"))
+                                         / wall, 3) if wall else None
     results = {
-        "probe_reference": results_probe,
-        "meta": {"timestamp": stamp, "wall_s": time.monotonic() - t0, "args": {k: v for k, v in vars(args).items()
-                                                                               if not k.startswith("_")},
-                 "workload": runner.workload.describe(), "documents_token_ids": runner.doc_ids},
+        "probe_reference": probe_ref,
+        "meta": {"timestamp": stamp, "wall_s": wall, "timing": timing,
+                 "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                 "workload": runner.workload.describe(), "documents_token_ids": runner.doc_ids,
+                 "self_noise": runner.noise},
         "runs": runs,
-        "comparisons": comparisons(runner.scored, runs),
+        "comparisons": runner.comparisons(runs, floor_errors),
     }
     paths = report.write(results, run_dir)
-    print(json.dumps({"run_dir": str(run_dir), **{k: str(v) for k, v in paths.items()},
-                      "wall_s": round(results["meta"]["wall_s"], 1),
-                      "failed": [r["name"] for r in runs if r["status"] != "ok"]}))
-    return 0
+    failed = [r["name"] for r in runs if r["status"] != "ok"]
+    print(json.dumps({"run_dir": str(run_dir), **{k: str(v) for k, v in paths.items()}, "wall_s": round(wall, 1),
+                      "decision": results["analysis"]["decision"]["verdict"],
+                      "choice": results["analysis"]["decision"]["choice"], "failed": failed}))
+    return 1 if failed else 0
+

@@ -8,6 +8,8 @@ max-model-len no larger than the checkpoint's position table, and the probe shif
 from __future__ import annotations
 
 import json
+import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,3 +92,23 @@ class ServerRun:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def free_port() -> int:
+    """A port nobody listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_errors(log: Path, limit: int = 4) -> list[str]:
+    """The exception lines of a server log ('XError: message'), first occurrences: the root cause comes first,
+    vLLM's 'Engine core initialization failed' wrapper last."""
+    if not log.is_file():
+        return []
+    found: list[str] = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = None if " WARNING " in line else re.search(r"\b([A-Za-z_.]*(?:Error|Exception)): (.+)$", line)
+        if m and m.group(0) not in found:
+            found.append(m.group(0)[:400])
+    return found[:limit]

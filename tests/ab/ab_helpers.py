@@ -1,0 +1,20 @@
+"""Running `normswap ab` from tests: the short configuration the A/B tests share."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+AB_OPTIONS = ("ln-gelu", "rms-gelu")  # one LayerNorm and one RMSNorm option: the probe's two servers
+# small but complete: warm-up, two alternating load rounds per server, the probe, the fp32 floor
+AB_ARGS = ["--docs", "4", "--doc-tokens", "96", "--prompts", "8", "--users", "2", "--max-tokens", "4",
+           "--load-seconds", "6", "--rounds", "2", "--min-requests", "8", "--window-s", "1", "--warmup-max-s", "30",
+           "--probe-shifts", "4", "--probe-grid", "0,2,4"]
+
+
+def run_ab(argv: list[str], timeout: float = 1500) -> tuple[subprocess.CompletedProcess, dict | None]:
+    proc = subprocess.run([sys.executable, "-m", "vllm_normswap.cli", "ab", *argv], capture_output=True, text=True,
+                          timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    return proc, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None

@@ -1,0 +1,61 @@
+"""Warm a server up before anything is measured on it, and record how long that took.
+
+A cold vLLM server compiles or specialises kernels on the first call of each shape (Numba kernels for int8 and
+the observer, oneDNN primitives, torch.compile graphs when compiled). The load test runs at ``users`` concurrent
+requests, so every decode batch size from 1 to ``users`` and the prefill path must have run before the clock
+starts. Then the same concurrency is driven in rounds until the per-step latency settles: the median inter-token
+time of a round is within ``tolerance`` of the round before. None of this traffic enters any statistic: the A/B
+scrapes /metrics and starts locust after the warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+
+def stream_step_times(url: str, model: str, prompt: str, max_tokens: int) -> list[float]:
+    """One streamed completion; the gaps between its token-carrying chunks (s)."""
+    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
+               "stream": True}
+    stamps = []
+    with requests.post(f"{url}/v1/completions", json=payload, stream=True, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"warm-up request answered {r.status_code}: {r.text[:300]}")
+        for line in r.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunk = json.loads(line[6:])
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _concurrent(url, model, prompts, n, max_tokens) -> list[float]:
+    with ThreadPoolExecutor(n) as pool:
+        gaps = pool.map(lambda i: stream_step_times(url, model, prompts[i % len(prompts)], max_tokens), range(n))
+        return [g for per in gaps for g in per]
+
+
+def warm_up(url: str, model: str, prompts: list[str], users: int, max_tokens: int, tolerance: float = 0.1,
+            min_rounds: int = 3, max_seconds: float = 180.0) -> dict:
+    """Prefill, each batch size 1..users, then rounds at ``users`` until the median step time settles."""
+    t0 = time.monotonic()
+    for prompt in sorted(prompts, key=len)[-users:]:  # prefill alone, with the longest load-test prompts
+        stream_step_times(url, model, prompt, 2)
+    for batch in range(1, users + 1):
+        _concurrent(url, model, prompts, batch, max_tokens)
+    medians: list[float] = []
+    settled = False
+    while time.monotonic() - t0 < max_seconds:
+        gaps = _concurrent(url, model, prompts, users, max_tokens)
+        medians.append(statistics.median(gaps) if gaps else 0.0)
+        if len(medians) >= min_rounds and abs(medians[-1] - medians[-2]) <= tolerance * medians[-2]:
+            settled = True
+            break
+    return {"seconds": time.monotonic() - t0, "rounds": len(medians), "settled": settled,
+            "median_step_ms": [round(m * 1e3, 3) for m in medians], "batch_sizes": list(range(1, users + 1)),
+            "tolerance": tolerance}
