@@ -1,0 +1,112 @@
+"""The package works from its wheel: build it, install it with ``pip install --no-deps --target`` outside the
+repository (its dependencies come from this venv's site-packages; nothing from the checkout on ``sys.path``),
+and from there serve ln-gelu through the ``normswap`` script and run a one-option ``normswap ab`` to a report.
+
+Every process runs with its working directory outside the repository and ``PYTHONPATH`` = the target directory
+only, so ``python -m ...`` (vLLM's server is started that way) cannot pick the checkout up from the cwd either.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_normswap.vllm_server import VLLMServer
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(target dir, env, cwd) of a wheel install of this checkout."""
+    root = tmp_path_factory.mktemp("wheel")
+    dist, target, cwd = root / "dist", root / "site", root / "cwd"
+    cwd.mkdir()
+    # --no-build-isolation: the build backend (setuptools) from this venv; CI has no index to fetch it from
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
+                    str(REPO)], check=True, cwd=cwd, timeout=600)
+    (wheel,) = dist.glob("vllm_normswap-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, cwd=cwd, timeout=600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
+    env |= {"PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return target, env, cwd
+
+
+def normswap(installed) -> str:
+    target, _, _ = installed
+    script = target / "bin" / "normswap"
+    assert script.is_file(), "the wheel's console script"
+    return str(script)
+
+
+def test_wheel_holds_the_package_data_and_nothing_from_the_checkout(installed):
+    target, env, cwd = installed
+    probe = ("import sys, vllm_normswap, vllm_normswap.serve as s, vllm_normswap.ab.loadgen as l;"
+             "print(vllm_normswap.__file__); print(s.serving_config_path('ln-gelu')); print(l.LOCUSTFILE);"
+             "print('\\n'.join(p for p in sys.path if p))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=cwd, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.splitlines()
+    module, config, locustfile, *path = out
+    for f in (module, config, locustfile):
+        assert Path(f).is_relative_to(target) and Path(f).is_file(), f
+    # the venv's site-packages may sit under the repository directory; the checkout itself must not be on the path
+    assert not [p for p in path if Path(p).resolve() == REPO or (Path(p) / "vllm_normswap").resolve()
+                == REPO / "vllm_normswap"], path
+    assert (target / "vllm_normswap" / "zoo" / "ln-gelu" / "model.safetensors").is_file()
+    version = subprocess.run([normswap(installed), "--version"], env=env, cwd=cwd, capture_output=True, text=True,
+                             timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("normswap "), version
+    printed = subprocess.run([normswap(installed), "serve", "ln-gelu", "--print-config"], env=env, cwd=cwd,
+                             capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0 and printed.stdout == Path(config).read_text()
+
+
+def test_serve_from_the_wheel_answers_a_completion(installed, tmp_path):
+    import openai
+
+    target, env, cwd = installed
+    port = free_port()
+    argv = [normswap(installed), "serve", "ln-gelu", "--port", str(port), "--", "--enforce-eager"]
+    with VLLMServer(argv, tmp_path / "serve.log", env=env, port=port, startup_timeout=600, cwd=cwd) as server:
+        log = server.log_tail(200_000)
+        assert str(target / "vllm_normswap" / "serving_configs" / "ln-gelu.yaml") in " ".join(server.argv) or \
+            "ln-gelu" in log
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        completion = client.completions.create(model="ln-gelu", prompt="def main(", max_tokens=4, temperature=0)
+        assert completion.choices[0].text and completion.usage.completion_tokens == 4
+
+
+def ab_flags(help_text: str, out: Path) -> list[str]:
+    """The smallest one-option run, with only the flags this `normswap ab` knows (its flags are evolving)."""
+    wanted = [("--options", "ln-gelu"), ("--precisions", "bf16"), ("--probe-shifts", ""), ("--docs", "2"),
+              ("--doc-tokens", "64"), ("--prompts", "4"), ("--max-tokens", "4"), ("--users", "1"),
+              ("--requests", "4"), ("--min-requests", "4"), ("--load-seconds", "5"), ("--rounds", "1"),
+              ("--warmup-max-s", "20"), ("--self-noise", "off"), ("--probe-grid", "0,4")]
+    flags = [x for flag, value in wanted if f"{flag} " in help_text or f"{flag}\n" in help_text
+             for x in (flag, value)]
+    return flags + ["--out", str(out)]
+
+
+def test_ab_from_the_wheel_writes_a_report(installed, tmp_path):
+    _, env, cwd = installed
+    help_text = subprocess.run([normswap(installed), "ab", "--help"], env=env, cwd=cwd, capture_output=True,
+                               text=True, timeout=120, check=True).stdout
+    out = tmp_path / "runs"
+    proc = subprocess.run([normswap(installed), "ab", *ab_flags(help_text, out)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    reports = sorted(out.rglob("report.md")) + sorted(out.rglob("report.html"))
+    assert reports, f"no report under {out}: {sorted(p.name for p in out.rglob('*'))[:50]}"
