@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 DESCRIPTION = """\
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, passthrough = argv[:i], argv[i + 1:]
     sys.argv[1:] = argv
+    if argv[:1] != ["serve"]:
+        # stdout is for a command's JSON: vLLM's log handler (vllm/logger.py) writes to VLLM_LOGGING_STREAM,
+        # stdout by default, once anything in the command configures vLLM's logging. `serve` keeps vLLM's default.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     args = build_parser().parse_args(argv)
     args.passthrough = passthrough
     from vllm_normswap.registry import ConfigError

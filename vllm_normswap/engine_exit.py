@@ -10,11 +10,12 @@ exception handlers (``vllm_error.terminate_if_errored``); both are looked up at 
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import sys
 
-log = logging.getLogger(__name__)
+from vllm_normswap.logs import plugin_logger
+
+log = plugin_logger(__name__)  # under vLLM's "vllm" logger: see vllm_normswap.logs
 EXIT_CODE = 1
 _LAUNCHER = "vllm.entrypoints.launchers.launcher"
 _HANDLERS = "vllm.entrypoints.serve.exception_handling.handlers.vllm_error"

@@ -14,7 +14,6 @@ read and our reset is lost for that gauge only; counters are read, never reset.)
 from __future__ import annotations
 
 import collections
-import logging
 import math
 import os
 import threading
@@ -26,12 +25,13 @@ import torch
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.utils import floatToGoString
 
+from vllm_normswap.logs import plugin_logger
 from vllm_normswap.observe.config import ObserverConfig, threshold_label
 from vllm_normswap.observe.metric_files import DIR_ENV, FILE_ID
 from vllm_normswap.observe.site_stats import SiteLayout, decode
 from vllm_normswap.registry import ABSMAX, ELEMENTS, HELP, LABELS, OUTLIERS, TOKEN_HISTOGRAMS
 
-log = logging.getLogger(__name__)
+log = plugin_logger(__name__)  # under vLLM's "vllm" logger: see vllm_normswap.logs
 
 _publisher: "Publisher | None" = None
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
-from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.utils.quant_utils import amax_for_tp_weight_quant
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 from vllm.model_executor.model_loader.reload.layerwise import initialize_online_processing
@@ -31,6 +30,7 @@ from vllm.model_executor.parameter import (
 )
 from vllm.platforms import current_platform
 
+from vllm_normswap.logs import plugin_logger
 from vllm_normswap.quant.primitives import (
     QuantConfigError,
     absmax,
@@ -41,7 +41,7 @@ from vllm_normswap.quant.primitives import (
     unpack_int32_to_int8,
 )
 
-logger = init_logger(__name__)
+logger = plugin_logger(__name__)  # under vLLM's "vllm" logger: see vllm_normswap.logs
 
 
 class _Int8LinearMethod(LinearMethodBase):
