@@ -9,6 +9,7 @@ import pytest
 from ab_helpers import AB_ARGS, run_ab
 from utils import get_open_port, make_checkpoint
 from vllm_normswap.ab import compare
+from vllm_normswap.ab.loadstats import LATENCY_KEYS
 from vllm_normswap.ab.servers import ServerRun, ServerSpec
 
 pytestmark = pytest.mark.server
@@ -52,7 +53,7 @@ def test_compare_two_real_runs(endpoint_run, ab):
     out = json.loads((run_b / "compare.json").read_text())
     rows = {(r["option"], r["measure"]): r for r in out["rows"]}
     a, b = results_a["comparisons"]["ln-gelu"]["load"], results_b["comparisons"]["ln-gelu"]["load"]
-    for key in ("throughput", "ttft_p50", "tpot_p50"):
+    for key in LATENCY_KEYS:
         row = rows[("ln-gelu", f"int8÷bf16 {key}")]
         outside = not (a[key]["lo"] <= b[key]["value"] <= a[key]["hi"]) or \
             not (b[key]["lo"] <= a[key]["value"] <= b[key]["hi"])

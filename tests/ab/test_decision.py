@@ -17,7 +17,8 @@ def table(rates: dict, ppl: dict | None = None, int8_kl: dict | None = None) -> 
     ppl = ppl or {}
     int8_kl = int8_kl or {}
     return {o: Evidence(o, outlier_rate=rates.get(o), ppl=ci(ppl.get(o, 100.0), 1.0),
-                        int8_kl=ci(int8_kl.get(o, 1e-3), 1e-4)) for o in OPTIONS}
+                        ppl_ratio=ci(ppl.get(o, 100.0) / 100.0, 0.01), int8_kl=ci(int8_kl.get(o, 1e-3), 1e-4))
+            for o in OPTIONS}
 
 
 def test_change_the_activation():
@@ -64,7 +65,7 @@ def test_inconclusive_without_baseline_counts():
 
 def test_inconclusive_when_a_reducing_option_straddles_the_quality_bound():
     ev = table({"ln-gelu": 1e-3, "ln-swiglu": 2e-3, "rms-gelu": 1e-4, "rms-swiglu": 2e-3})
-    ev["rms-gelu"].ppl = {"value": 105.0, "lo": 99.0, "hi": 111.0}  # 1.05 x [99, 101] = [104, 106]: straddles
+    ev["rms-gelu"].ppl_ratio = {"value": 1.05, "lo": 1.01, "hi": 1.09}  # straddles the +5% bound
     v = decide(ev)
     assert v.verdict == "inconclusive" and "rms-gelu" in v.missing[0] and "--docs" in v.missing[0]
 

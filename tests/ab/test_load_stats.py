@@ -38,8 +38,10 @@ def test_ratio_ci_finds_a_real_speedup_and_no_difference_where_there_is_none():
     faster = loadstats.pair_ratios(a, b, 2.0)
     expected = (0.05 + 15 * 0.010) / (0.05 + 15 * 0.007)  # throughput ratio of the two step times
     assert faster["throughput"]["lo"] <= expected <= faster["throughput"]["hi"]
-    assert faster["labels"] == {"throughput": "better", "ttft_p50": "no difference", "tpot_p50": "better"}
-    assert faster["tpot_p50"]["value"] == pytest.approx(0.7, rel=0.05)
+    assert faster["labels"] == {"throughput": "better", "ttft_p50": "no difference", "tpot_mean": "better",
+                                "e2e_p50": "better"}
+    assert faster["tpot_mean"]["value"] == pytest.approx(0.7, rel=0.05)
+    assert faster["e2e_p50"]["value"] == pytest.approx((0.05 + 15 * 0.007) / (0.05 + 15 * 0.010), rel=0.05)
     equal = loadstats.pair_ratios(a, same, 2.0)
     assert equal["labels"]["throughput"] == "no difference"
     assert equal["throughput"]["lo"] <= 1.0 <= equal["throughput"]["hi"] or \

@@ -1,6 +1,6 @@
 """`normswap ab --compare RUN_A RUN_B`: what changed between two report folders.
 
-For every option both runs measured: the int8 ÷ bf16 ratios (throughput, TTFT p50, TPOT p50) with their labels,
+For every option both runs measured: the int8 ÷ bf16 ratios (throughput, TTFT p50, mean TPOT, end-to-end p50) with their labels,
 int8's KL as a multiple of the precision floor, and the decision. A row "changed" when its label differs, or when
 either run's value lies outside the other's CI. Printed as a table and written as compare.md / compare.json in
 RUN_B.
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from vllm_normswap.ab.loadstats import LATENCY_KEYS
 
 
 def _load(run: str) -> dict:
@@ -35,7 +37,7 @@ def rows(a: dict, b: dict) -> list[dict]:
     ca, cb = a.get("comparisons", {}), b.get("comparisons", {})
     for option in [o for o in ca if o in cb]:
         la, lb = ca[option].get("load") or {}, cb[option].get("load") or {}
-        for key in ("throughput", "ttft_p50", "tpot_p50"):
+        for key in LATENCY_KEYS:
             ra, rb = la.get(key), lb.get(key)
             lab_a, lab_b = (la.get("labels") or {}).get(key), (lb.get("labels") or {}).get(key)
             out.append({"option": option, "measure": f"int8÷bf16 {key}", "a": ra, "b": rb, "label_a": lab_a,

@@ -4,8 +4,9 @@ The case study asks which change to try first to reduce post-activation outliers
 "change nothing" (the baseline) is one of the answers. For each option other than the baseline, three criteria,
 each True, False or None (the data cannot tell):
 - reduces:  its act_out outlier rate (bf16, the quality documents, |x| > tau) is below REDUCTION x the baseline's;
-- quality:  its bf16 perplexity is not worse than the baseline's by more than PPL_MARGIN: False when its CI lies
-            wholly above (1 + PPL_MARGIN) x the baseline's CI, True when wholly below, None when they straddle;
+- quality:  its bf16 perplexity is not worse than the baseline's by more than PPL_MARGIN: the ratio PPL / baseline
+            PPL on the same documents, with a paired CI: False when the CI lies wholly above 1 + PPL_MARGIN, True
+            when wholly below, None when it straddles the bound;
 - int8:     its int8 cost (KL(bf16 || int8)) is not clearly larger than the baseline's: False when its CI lies
             wholly above the baseline's.
 Choice: among options meeting all three, single changes before "both" (one change is the cleaner experiment),
@@ -30,6 +31,7 @@ class Evidence:
     option: str
     outlier_rate: float | None = None  # act_out elements with |x| > tau over elements, bf16, quality documents
     ppl: dict | None = None  # bf16 perplexity {"value", "lo", "hi"}
+    ppl_ratio: dict | None = None  # bf16 perplexity / the baseline's on the same documents (paired CI)
     int8_kl: dict | None = None  # KL(bf16 || int8) per token, with CI
     floor_kl: dict | None = None  # KL(fp32 || bf16) per token: the precision floor
     int8_vs_floor: dict | None = None  # int8_kl / floor_kl with a paired CI
@@ -74,11 +76,10 @@ def criteria(ev: Evidence, base: Evidence) -> Criteria:
         else:  # nothing to reduce at the baseline
             c.outlier_ratio = float("inf") if ev.outlier_rate > 0 else 1.0
             c.reduces = False
-    if ev.ppl and base.ppl:
-        limit = 1.0 + PPL_MARGIN
-        if ev.ppl["lo"] > limit * base.ppl["hi"]:
+    if ev.ppl_ratio:
+        if ev.ppl_ratio["lo"] > 1.0 + PPL_MARGIN:
             c.quality = False
-        elif ev.ppl["hi"] <= limit * base.ppl["lo"]:
+        elif ev.ppl_ratio["hi"] <= 1.0 + PPL_MARGIN:
             c.quality = True
     worse_int8 = _above(ev.int8_kl, base.int8_kl)
     c.int8 = None if worse_int8 is None else not worse_int8

@@ -3,7 +3,7 @@
 Throughput is counted per time window: every output token is placed at its arrival time (request start + TTFT +
 the inter-token gaps), and each round contributes the windows that lie inside its steady state, from one ramp-up
 after its first request to its last request start (after that, locust stops sending and concurrency drains).
-Latencies (TTFT, TPOT) are per request, from requests started inside the steady state.
+Latencies (TTFT, TPOT, end-to-end) are per request, from requests started inside the steady state.
 CIs: percentile bootstrap, resampling windows (throughput) or requests (latencies) of the two servers
 independently. A ratio whose CI contains 1, or lies wholly within ±EQUIVALENCE of 1, reads "no difference".
 """
@@ -78,18 +78,21 @@ def label(ci: dict | None, higher_is_better: bool) -> str:
     return "better" if up == higher_is_better else "worse"
 
 
+LATENCY_KEYS = ("throughput", "ttft_p50", "tpot_mean", "e2e_p50")  # the ratios reported, throughput first
+
+
 def pair_ratios(rounds_a: list[list[dict]], rounds_b: list[list[dict]], window_s: float) -> dict:
-    """B ÷ A for throughput (windows), TTFT p50 and TPOT p50 (requests), each with CI and label."""
+    """B ÷ A for throughput (windows), TTFT p50, mean TPOT and end-to-end p50 (requests), each with CI and label."""
     rates_a = np.concatenate([window_rates(r, window_s) for r in rounds_a] or [np.zeros(0)])
     rates_b = np.concatenate([window_rates(r, window_s) for r in rounds_b] or [np.zeros(0)])
     req_a = [r for rnd in rounds_a for r in steady_requests(rnd)]
     req_b = [r for rnd in rounds_b for r in steady_requests(rnd)]
-    out = {"throughput": ratio_ci(rates_a, rates_b)}
-    for key in ("ttft", "tpot"):
-        out[f"{key}_p50"] = ratio_ci([r[key] for r in req_a], [r[key] for r in req_b], stat=np.median)
-    out["labels"] = {"throughput": label(out["throughput"], higher_is_better=True),
-                     "ttft_p50": label(out["ttft_p50"], higher_is_better=False),
-                     "tpot_p50": label(out["tpot_p50"], higher_is_better=False)}
+    out = {"throughput": ratio_ci(rates_a, rates_b),
+           "ttft_p50": ratio_ci([r["ttft"] for r in req_a], [r["ttft"] for r in req_b], stat=np.median),
+           # the mean, not the median: the server may send a request's tokens in one burst, so many TPOTs are ~0
+           "tpot_mean": ratio_ci([r["tpot"] for r in req_a], [r["tpot"] for r in req_b], stat=np.mean),
+           "e2e_p50": ratio_ci([r["e2e"] for r in req_a], [r["e2e"] for r in req_b], stat=np.median)}
+    out["labels"] = {k: label(out[k], higher_is_better=k == "throughput") for k in LATENCY_KEYS}
     out["windows"] = {"a": int(len(rates_a)), "b": int(len(rates_b)), "window_s": window_s}
     out["per_round_tokens_per_s"] = {"a": [_round_rate(r) for r in rounds_a], "b": [_round_rate(r) for r in rounds_b]}
     return out

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from vllm_normswap.ab import metrics  # noqa: E402
+from vllm_normswap.ab.loadstats import LATENCY_KEYS  # noqa: E402
 from vllm_normswap.registry import OPTIONS, SITES, TOKEN_HISTOGRAMS  # noqa: E402
 
 COLORS = {o.id: o.color for o in OPTIONS.values()}
@@ -119,7 +120,7 @@ def serving(results, analysis) -> bytes | None:
     fig, axes = plt.subplots(1, 2, figsize=(15, 3.8))
     ax = axes[0]
     for i, o in enumerate(comp):
-        for dx, key, m in ((-0.2, "throughput", "o"), (0.0, "ttft_p50", "^"), (0.2, "tpot_p50", "s")):
+        for dx, key, m in zip((-0.24, -0.08, 0.08, 0.24), LATENCY_KEYS, "o^sD"):
             s = comp[o].get(key)
             if s:
                 ax.errorbar(i + dx, s["value"], yerr=[[s["value"] - s["lo"]], [s["hi"] - s["value"]]], fmt=m,

@@ -137,6 +137,7 @@ def _stats(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if "nll_b" in s:
         out["ppl_b"] = np.exp(s["nll_b"].sum(-1) / n)
         out["delta_ppl"] = out["ppl_b"] - out["ppl_a"]
+        out["ppl_ratio"] = out["ppl_b"] / out["ppl_a"]
         out["kl"] = s["kl"].sum(-1) / n
         out["top1_agreement"] = s["agree"].sum(-1) / n
     return out

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vllm_normswap.ab import analysis as analysis_mod
 from vllm_normswap.ab import metrics, plots
+from vllm_normswap.ab.loadstats import LATENCY_KEYS
 
 
 def _fmt(x, spec=".4g"):
@@ -42,17 +43,16 @@ def tables(results: dict, an: dict) -> list[tuple[str, list[str], list[list[str]
                _ci(f.get("kl")) if f else "skipped: " + str(c.get("precision_floor_skipped", "–"))[:60],
                _ci(c.get("int8_kl_vs_floor")), _ci(f.get("delta_ppl"))]
         comp.append(row + ([_ci(c.get("noise_floor", {}).get("kl"))] if noise else []))
-    load = [["option", "tok/s int8÷bf16", "TTFT p50 int8÷bf16", "TPOT p50 int8÷bf16", "windows bf16/int8",
-             "bf16 tok/s per round", "int8 tok/s per round"]]
+    load = [["option", "tok/s int8÷bf16", "TTFT p50 int8÷bf16", "TPOT mean int8÷bf16", "E2E p50 int8÷bf16",
+             "windows bf16/int8", "bf16 tok/s per round", "int8 tok/s per round"]]
     for o, c in results.get("comparisons", {}).items():
         ld = c.get("load")
         if not ld:
             continue
-        lab = ld["labels"]
         per = ld["per_round_tokens_per_s"]
-        load.append([o, f"{_ci(ld['throughput'])}: {lab['throughput']}", f"{_ci(ld['ttft_p50'])}: {lab['ttft_p50']}",
-                     f"{_ci(ld['tpot_p50'])}: {lab['tpot_p50']}", f"{ld['windows']['a']}/{ld['windows']['b']}",
-                     ", ".join(_fmt(x, ".0f") for x in per["a"]), ", ".join(_fmt(x, ".0f") for x in per["b"])])
+        load.append([o] + [f"{_ci(ld[k])}: {ld['labels'][k]}" for k in LATENCY_KEYS]
+                    + [f"{ld['windows']['a']}/{ld['windows']['b']}", ", ".join(_fmt(x, ".0f") for x in per["a"]),
+                       ", ".join(_fmt(x, ".0f") for x in per["b"])])
     timing = results["meta"].get("timing", {})
     split = [["phase", "seconds", "share"]]
     for k in ("startup", "warmup", "quality", "load", "probe", "other", "total"):

@@ -212,6 +212,7 @@ class Runner:
         self.rounds: dict[str, list[list[dict]]] = defaultdict(list)  # run name -> locust records per round
         self.timing: dict[str, float] = defaultdict(float)  # seconds per phase (the report's time split)
         self.noise = _self_noise(args)
+        self.last_scrape: dict[str, dict] = {}  # run name -> /metrics after its quality eval
         self.next_port = args.port
 
     def port(self) -> int:
@@ -312,7 +313,7 @@ class Runner:
         m1 = metrics.settled_scrape(t.url)
         rec["observer"] = metrics.diff(m1, m0)
         rec["observer_present"] = metrics.has_observer(m1)
-        rec["_m1"] = m1
+        self.last_scrape[t.name] = m1
 
     def _load(self, live: list[Target], recs: dict) -> None:
         """Alternating rounds, each server in turn, until each has --load-seconds and --min-requests measured."""
@@ -354,7 +355,7 @@ class Runner:
             loadgen.to_csv(summary, self.dir / "load" / t.name / "latency.csv")
             rec["load"] = summary
             m2 = metrics.settled_scrape(t.url, tries=2)
-            rec["observer_load"] = metrics.diff(m2, rec.pop("_m1"))
+            rec["observer_load"] = metrics.diff(m2, self.last_scrape[t.name])
 
     # ---- shared pieces ----
 
@@ -427,6 +428,9 @@ class Runner:
             elif option in floor_errors or bf16 in s:
                 c["precision_floor_skipped"] = floor_errors.get(option) or (
                     "no checkpoint for the fp32 reference model (pass --option ID=PATH with --endpoint)")
+            base = f"{BASELINE}-bf16"
+            if option != BASELINE and base in s and bf16 in s:  # paired: the same documents, option vs baseline
+                c["bf16_vs_baseline"] = quality.summarize(s[base], s[bf16])
             if bf16 + "#repeat" in s:
                 c["noise_floor"] = quality.summarize(s[bf16], s[bf16 + "#repeat"])
             if self.rounds.get(bf16) and self.rounds.get(int8):

@@ -3,8 +3,8 @@
 A cold vLLM server compiles or specialises kernels on the first call of each shape (Numba kernels for int8 and
 the observer, oneDNN primitives, torch.compile graphs when compiled). The load test runs at ``users`` concurrent
 requests, so every decode batch size from 1 to ``users`` and the prefill path must have run before the clock
-starts. Then the same concurrency is driven in rounds until the per-step latency settles: the median inter-token
-time of a round is within ``tolerance`` of the round before. None of this traffic enters any statistic: the A/B
+starts. Then the same concurrency is driven in rounds until the per-step latency settles: the median time per
+output token of a round is within ``tolerance`` of the round before. None of this traffic enters any statistic: the A/B
 scrapes /metrics and starts locust after the warm-up.
 """
 
@@ -18,26 +18,32 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 
-def stream_step_times(url: str, model: str, prompt: str, max_tokens: int) -> list[float]:
-    """One streamed completion; the gaps between its token-carrying chunks (s)."""
+def stream_step_time(url: str, model: str, prompt: str, max_tokens: int) -> float | None:
+    """One streamed completion; its time per output token after the first (s). Counted with the server's usage
+    stats, since a chunk may carry several tokens."""
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
-               "stream": True}
-    stamps = []
+               "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    first = last = None
+    first_n = n = 0
     with requests.post(f"{url}/v1/completions", json=payload, stream=True, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"warm-up request answered {r.status_code}: {r.text[:300]}")
         for line in r.iter_lines():
-            if line.startswith(b"data: ") and line != b"data: [DONE]":
-                chunk = json.loads(line[6:])
-                if any(c.get("text") for c in chunk.get("choices", [])):
-                    stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            done = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens") or 0
+            if done > n:
+                now = time.perf_counter()
+                if first is None:
+                    first, first_n = now, done
+                last, n = now, done
+    return (last - first) / (n - first_n) if first is not None and n > first_n else None
 
 
 def _concurrent(url, model, prompts, n, max_tokens) -> list[float]:
     with ThreadPoolExecutor(n) as pool:
-        gaps = pool.map(lambda i: stream_step_times(url, model, prompts[i % len(prompts)], max_tokens), range(n))
-        return [g for per in gaps for g in per]
+        steps = pool.map(lambda i: stream_step_time(url, model, prompts[i % len(prompts)], max_tokens), range(n))
+        return [s for s in steps if s is not None]
 
 
 def warm_up(url: str, model: str, prompts: list[str], users: int, max_tokens: int, tolerance: float = 0.1,
@@ -45,14 +51,15 @@ def warm_up(url: str, model: str, prompts: list[str], users: int, max_tokens: in
     """Prefill, each batch size 1..users, then rounds at ``users`` until the median step time settles."""
     t0 = time.monotonic()
     for prompt in sorted(prompts, key=len)[-users:]:  # prefill alone, with the longest load-test prompts
-        stream_step_times(url, model, prompt, 2)
+        stream_step_time(url, model, prompt, 2)
     for batch in range(1, users + 1):
         _concurrent(url, model, prompts, batch, max_tokens)
     medians: list[float] = []
     settled = False
     while time.monotonic() - t0 < max_seconds:
-        gaps = _concurrent(url, model, prompts, users, max_tokens)
-        medians.append(statistics.median(gaps) if gaps else 0.0)
+        # two requests per user: a round long enough that its median is not one request's
+        steps = _concurrent(url, model, prompts, 2 * users, max_tokens)
+        medians.append(statistics.median(steps) if steps else 0.0)
         if len(medians) >= min_rounds and abs(medians[-1] - medians[-2]) <= tolerance * medians[-2]:
             settled = True
             break
