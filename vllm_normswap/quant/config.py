@@ -15,7 +15,6 @@ Two ways in, one linear method family (linear_method.py):
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -116,17 +115,21 @@ class NormSwapInt8Config(QuantizationConfig):
         return None
 
     def _ignored(self, prefix: str) -> bool:
-        """compressed-tensors `ignore`: exact module names or `re:` patterns (checkpoint names; a merged
-        layer such as qkv_proj is ignored when its first shard is)."""
-        last = prefix.rsplit(".", 1)[-1]
-        names = [prefix] + [prefix[: -len(last)] + shard for shard in self.packed_modules_mapping.get(last, [])]
-        for pattern in self.ignore:
-            for name in names:
-                if pattern.startswith("re:") and re.match(pattern[3:], name):
-                    return True
-                if name == pattern or name.endswith("." + pattern) and pattern == "lm_head":
-                    return True
-        return False
+        """compressed-tensors `ignore` (exact module names or `re:` patterns, checkpoint names), matched by vLLM's
+        own compressed-tensors matcher (``compressed_tensors.utils.should_ignore_layer``: the fused name itself,
+        else every shard of a merged layer such as qkv_proj / gate_up_proj through ``packed_modules_mapping``).
+        A merged layer is ignored when all its shards are; some but not all is an error (one linear layer cannot
+        be half int8)."""
+        from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
+
+        try:
+            return should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=self.packed_modules_mapping)
+        except ValueError as err:
+            shards = self.packed_modules_mapping.get(prefix.rsplit(".", 1)[-1], [])
+            raise QuantConfigError(
+                f"normswap_int8: the ignore list {self.ignore} names some but not all shards of the merged layer "
+                f"{prefix} ({', '.join(shards)}); vLLM serves a merged layer in one precision, so ignore all of "
+                f"them or none ({err})") from None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         # imported here: register() runs in every vLLM process; only model-loading processes need the layers
