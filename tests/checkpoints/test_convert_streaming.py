@@ -8,8 +8,10 @@ everything, and the rise during ``convert`` must stay under ``4 x largest tensor
 read, allocator slack) and under half the checkpoint. Loading all shards into memory, as convert used to, rises
 by at least the checkpoint's size.
 
-The fast case is a 1.1 GB checkpoint (~5 s). The slow case is bigger than half of this machine's memory
-(Llama-7B-shaped layers, enough of them), converted to bf16."""
+The first case is a 1.1 GB checkpoint (~5 s). The second is bigger than half of this machine's memory
+(Llama-7B-shaped layers, enough of them), converted to bf16: on the 23 GB, 2-core box a 14.0 GB checkpoint,
+~50 s, 7 GB written, peak RSS rise 937 MiB (the largest tensor is 500 MiB). It is skipped where the disk lacks
+room for the output."""
 
 from __future__ import annotations
 
@@ -112,7 +114,6 @@ def test_convert_streams_a_1gb_checkpoint(tmp_path):
     check(tmp_path / "src", tmp_path / "dst", size, largest, "auto", size, (1024, 2816))
 
 
-@pytest.mark.slow
 def test_convert_streams_a_checkpoint_bigger_than_half_the_memory(tmp_path):
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     per_layer = 4 * (4 * 4096 * 4096 + 3 * 11008 * 4096)

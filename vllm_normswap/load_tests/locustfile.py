@@ -27,9 +27,9 @@ from pathlib import Path
 
 import gevent
 import requests
-from locust import User, events, task
+from locust import User, constant, constant_throughput, events, task
 from locust.exception import StopUser
-from locust.runners import LocalRunner
+from locust.runners import LocalRunner, MasterRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
 
@@ -83,9 +83,8 @@ _STATE: _Workload | None = None
 @events.test_start.add_listener
 def _on_start(environment, **kw):
     global _STATE
-    if environment.parsed_options is None or (environment.runner and environment.runner.__class__.__name__ ==
-                                              "MasterRunner"):
-        return  # the master sends no requests
+    if environment.parsed_options is None or isinstance(environment.runner, MasterRunner):
+        return  # the master sends no requests (workers are WorkerRunner, a single process LocalRunner)
     _STATE = _Workload(environment.parsed_options)
     _STATE.write({"event": "test_start", "t": time.time()})
 
@@ -98,12 +97,15 @@ def _fire(env, kind, name, ms, length=0, exc=None):
 class CompletionsUser(User):
     """One simulated client. Closed loop by default; with --per-user-rate, paced at that many requests/s."""
 
+    def __init__(self, environment):
+        super().__init__(environment)
+        opts = environment.parsed_options
+        rate = getattr(opts, "per_user_rate", 0.0) if opts is not None else 0.0
+        # locust's own wait-time helpers: constant_throughput waits the rest of each 1/rate period
+        self._wait = constant_throughput(rate) if rate else constant(0)
+
     def wait_time(self):
-        rate = self.environment.parsed_options.per_user_rate
-        if not rate:
-            return 0.0
-        # constant throughput: wait the rest of this user's 1/rate period (like locust's constant_throughput)
-        return max(0.0, 1.0 / rate - (time.time() - getattr(self, "_t0", 0.0)))
+        return self._wait(self)
 
     def on_start(self):
         self.session = requests.Session()
