@@ -219,7 +219,7 @@ def kernel_ms(cfg: dict, quant: bool, int8_head: bool = False, reps: int = 20) -
         return lambda x: layer.cpu_linear(x, layer.weight, None)
 
     def int8_linear(n: int, k: int):
-        from vllm_normswap.quant.cpu_kernel import apply_int8_linear
+        from vllm_normswap.quant.cpu_op import apply_int8_linear
         from vllm_normswap.quant.primitives import quantize
 
         q, s = quantize(torch.randn(n, k).to(torch.bfloat16) * 0.02, "channel")

@@ -58,3 +58,9 @@ def test_a_stale_block_is_listed_and_rewritten(tmp_path):
 def test_a_file_without_markers_is_an_error_naming_them(tmp_path):
     with pytest.raises(SystemExit, match="BEGIN generated"):
         gen_deploy.replace_block("x.yml", "services:\n  a: 1\n", "")
+
+
+def test_benchmark_readme_is_rendered_from_the_results():
+    proc = subprocess.run([sys.executable, "benchmarks/render_readme.py", "--check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -3,8 +3,9 @@
 primitives.py  torch-only int8 math (quantize per channel / group / tensor, dequantize, SQNR, int32 packing)
 config.py      the vLLM QuantizationConfig (online vs compressed-tensors checkpoint, which layers)
 linear_method.py  the vLLM linear methods (create weights, quantize or unpack after loading, apply)
-cpu_kernel.py  CPU matmul custom op (Numba GEMV at batch 1 on one thread, int8pack for decode, block-dequantized
-               GEMM for prefill)
+cpu_kernels.py   the CPU int8 matmul kernels (Numba GEMV and small-batch kernels, int8pack, block-dequantized GEMM)
+cpu_dispatch.py  which kernel runs a matmul (batch size, dtype, threads; thresholds overridable by environment)
+cpu_op.py        the dispatch as the custom op torch.ops.normswap.int8_linear (opaque to torch.compile)
 gpu_kernel.py  GPU: vLLM's mixed-precision kernel chooser (Machete/Marlin), untested without a GPU
 """
 

@@ -1,7 +1,7 @@
 """vLLM linear methods for `normswap_int8`: online (quantize while loading) and from a compressed-tensors checkpoint.
 
 Both end in the same layer state, so an offline checkpoint reproduces the online result bit for bit:
-  CPU: `weight` int8 [N, K] + `weight_scale` [N, 1] | [N, K/G] in the model dtype -> cpu_kernel.int8_linear
+  CPU: `weight` int8 [N, K] + `weight_scale` [N, 1] | [N, K/G] in the model dtype -> cpu_op.apply_int8_linear
   GPU: compressed-tensors parameters handed to vLLM's mixed-precision kernel (gpu_kernel.py, untested here)
 
 LM head (`lm_head: true`, CPU): Int8LMHeadMethod keeps vLLM's bf16 loading and quantizes per output channel after
@@ -94,7 +94,7 @@ class _Int8LinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.gpu_kernel is not None:
             return self.gpu_kernel.apply_weights(layer, x, bias)
-        from vllm_normswap.quant.cpu_kernel import apply_int8_linear
+        from vllm_normswap.quant.cpu_op import apply_int8_linear
 
         return apply_int8_linear(x, layer.weight, layer.weight_scale, bias)
 
@@ -237,7 +237,7 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.tied:
             return super().apply(layer, x, bias)
-        from vllm_normswap.quant.cpu_kernel import apply_int8_linear
+        from vllm_normswap.quant.cpu_op import apply_int8_linear
 
         return apply_int8_linear(x, layer.weight, layer.weight_scale, bias)
 
