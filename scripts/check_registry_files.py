@@ -12,8 +12,9 @@ What each file must agree on:
 - monitoring/prometheus/prometheus*.yml, rules/*.yml, the Grafana dashboard: every ``normswap_*`` series in an
   expression is a registry metric, every ``site="..."`` a registry site, every ``threshold="..."`` a default
   threshold; the dashboard's site variable lists the sites in order;
-- serving_configs/OPTION.yaml: one per option, ``served-model-name`` and ``expect_option`` = its id, its header
-  names the option's case-study number.
+- vllm_normswap/serving_configs/OPTION.yaml: one per option, ``served-model-name`` and ``expect_option`` = its
+  id, its header names the option's case-study number.
+The per-option servers and targets, and a missing serving config, are generated: python scripts/gen_deploy.py.
 
 ``check_files(options=...)`` takes another registry, so a test can add an option and see what each file lacks.
 Line 0 stands for a file that is missing as a whole.
