@@ -3,7 +3,8 @@ metric names. Everything else imports them; files that cannot import (YAML, JSON
 module by tests/test_registry_files.py.
 
 Imports nothing but the standard library, so the CLI, the checkpoint tools, the reference and the tests can all
-use it. To add an option, add one ``Option`` to ``OPTIONS`` (and its serving config; README "Adding an option").
+use it. To add an option, add one ``Option`` to ``OPTIONS``, then run scripts/gen_deploy.py (README "Adding an
+option").
 """
 
 from __future__ import annotations
@@ -103,8 +104,11 @@ def option_fields(option: str) -> dict[str, str]:
 
 def option_of(norm_type: str, ffn_act: str) -> str | None:
     """Inverse of :func:`option_fields`; None for combinations outside the options (e.g. converted OPT with relu)."""
-    act = "gelu" if ffn_act == "gelu_tanh" else ffn_act
-    return next((o.id for o in OPTIONS.values() if (o.norm_type, o.ffn_act) == (norm_type, act)), None)
+    exact = next((o.id for o in OPTIONS.values() if (o.norm_type, o.ffn_act) == (norm_type, ffn_act)), None)
+    if exact or ffn_act != "gelu_tanh":
+        return exact
+    # GPT-2's tanh GELU serves as the GELU option unless an option of its own is registered
+    return next((o.id for o in OPTIONS.values() if (o.norm_type, o.ffn_act) == (norm_type, "gelu")), None)
 
 
 def parse_list(flag: str, text: str, allowed) -> list[str]:

@@ -62,4 +62,4 @@ def test_compare_two_real_runs(endpoint_run, ab):
     da, db = results_a["analysis"]["decision"], results_b["analysis"]["decision"]
     assert rows[("(all)", "decision")]["changed"] == ((da["verdict"], da["choice"]) != (db["verdict"], db["choice"]))
     assert out["changed"] == sum(r["changed"] for r in out["rows"])
-    assert (run_b / "compare.md").read_text().count("\n|") == len(out["rows"]) + 1
+    assert (run_b / "compare.md").read_text().count("\n|") == len(out["rows"]) + 2  # header, rule, rows

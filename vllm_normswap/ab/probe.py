@@ -1,8 +1,8 @@
 """The mean-shift probe curve from the pure-torch reference model, on the documents the servers scored.
 
-A server start costs ~30-45 s on a 2-core CPU, so the A/B starts one probe server per option (at the largest c)
-and draws the fine curve over c from the reference model, which implements the same formulas independently;
-the report shows both, so the server point checks the curve (issue 4's exactness test checks the counters).
+A server start costs 35-120 s on a 2-core CPU, so the A/B starts probe servers for one LayerNorm and one RMSNorm
+option only and draws the fine curve over c, for every option, from the reference model, which implements the
+same formulas independently; the report shows both, so the server points check the curve.
 """
 
 from __future__ import annotations

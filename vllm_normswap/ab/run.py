@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import sys
 import time
 import traceback
 from collections import defaultdict
@@ -478,7 +479,8 @@ def run(args) -> int:
         for rec in runner.group(group, load):
             runs.append(rec)
             bar.update(1)
-            tqdm.write(f"{rec['name']}: {rec['status']}" + (f" ({rec['error'][:200]})" if rec.get("error") else ""))
+            tqdm.write(f"{rec['name']}: {rec['status']}" + (f" ({rec['error'][:200]})" if rec.get("error") else ""),
+                       file=sys.stderr)  # stdout carries only the final JSON line
     bar.close()
     floor_errors, probe_ref = runner.reference(ckpts, layers)
     wall = time.monotonic() - t_start

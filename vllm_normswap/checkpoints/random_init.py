@@ -11,14 +11,14 @@ import json
 import torch
 
 from vllm_normswap.model.config import NormSwapArch, swiglu_width
-from vllm_normswap.registry import OPTIONS, option_fields
+from vllm_normswap.registry import GATED_ACTS, OPTIONS, option_fields
 
 
 def make_arch(option: str, hidden_size=128, layers=2, heads=2, kv_heads=None, gelu_width=None, vocab_size=512,
               max_positions=512, **overrides) -> NormSwapArch:
     fields = option_fields(option)
     width = gelu_width or 4 * hidden_size
-    if fields["ffn_act"] == "swiglu":
+    if fields["ffn_act"] in GATED_ACTS:  # a third matrix: the width shrinks to keep the parameter count
         width = swiglu_width(width)
     return NormSwapArch(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
                         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=width,

@@ -12,9 +12,10 @@ from typing import Any
 
 from vllm_normswap.registry import (
     EPS_PLACEMENTS,
-    OPTIONS,
     FFN_ACTS,
+    GATED_ACTS,
     NORM_TYPES,
+    OPTIONS,
     POSITION_TYPES,
     ConfigError,
     check_choice,
@@ -102,7 +103,7 @@ class NormSwapArch:
 
     @property
     def gated(self) -> bool:
-        return self.ffn_act == "swiglu"
+        return self.ffn_act in GATED_ACTS
 
     def probe_applies(self, layer: int) -> bool:
         return self.probe_shift != 0.0 and (self.probe_layers is None or layer in self.probe_layers)
@@ -182,7 +183,7 @@ def parameter_count(arch: NormSwapArch) -> int:
 def parameter_report(arch: NormSwapArch) -> dict[str, dict[str, float]]:
     """Parameter counts of the four options built on ``arch`` (a GELU-width config), with the SwiGLU width rule
     applied, and each option's deviation from the baseline in percent."""
-    from vllm_normswap.registry import BASELINE, GATED_ACTS, OPTIONS
+    from vllm_normswap.registry import BASELINE, OPTIONS
 
     out = {}
     for option, o in OPTIONS.items():
