@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,10 @@ def check(src, dst, size, largest, dtype, expected_out_bytes, down_shape):
 def test_convert_streams_a_1gb_checkpoint(tmp_path):
     size, largest = sparse_llama(tmp_path / "src", V=8000, D=1024, L=20, F=2816, heads=16, n_shards=4)
     assert size > 1e9
-    check(tmp_path / "src", tmp_path / "dst", size, largest, "auto", size, (1024, 2816))
+    try:
+        check(tmp_path / "src", tmp_path / "dst", size, largest, "auto", size, (1024, 2816))
+    finally:
+        shutil.rmtree(tmp_path / "dst", ignore_errors=True)
 
 
 def test_convert_streams_a_checkpoint_bigger_than_half_the_memory(tmp_path):
@@ -124,4 +128,8 @@ def test_convert_streams_a_checkpoint_bigger_than_half_the_memory(tmp_path):
     size, largest = sparse_llama(tmp_path / "src", V=32000, D=4096, L=layers, F=11008, heads=32,
                                  n_shards=max(2, layers // 4))
     assert size > mem / 2
-    check(tmp_path / "src", tmp_path / "dst", size, largest, "bfloat16", size // 2, (4096, 11008))
+    try:
+        check(tmp_path / "src", tmp_path / "dst", size, largest, "bfloat16", size // 2, (4096, 11008))
+    finally:  # pytest keeps the last runs' tmp dirs: do not leave 7 GB behind
+        shutil.rmtree(tmp_path / "dst", ignore_errors=True)
+        shutil.rmtree(tmp_path / "src", ignore_errors=True)
