@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 AB_OPTIONS = ("ln-gelu", "rms-gelu")  # one LayerNorm and one RMSNorm option: the probe's two servers
-# small but complete: warm-up, two alternating load rounds per server, the probe, the fp32 floor
+# small but complete: warm-up, three alternating load rounds per server, the probe, the fp32 floor
 AB_ARGS = ["--docs", "4", "--doc-tokens", "96", "--prompts", "8", "--users", "2", "--max-tokens", "4",
-           "--load-seconds", "6", "--rounds", "2", "--min-requests", "8", "--window-s", "1", "--warmup-max-s", "30",
+           "--load-seconds", "9", "--rounds", "3", "--min-requests", "8", "--warmup-max-s", "30",
            "--probe-shifts", "4", "--probe-grid", "0,2,4"]
 
 

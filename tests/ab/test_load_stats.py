@@ -1,5 +1,5 @@
-"""Load ratios and their CIs against independent computations on synthetic per-request records, and the
-vectorised paired bootstrap against a plain loop."""
+"""Load ratios and their CIs over paired rounds against independent computations on synthetic per-request
+records, and the vectorised paired bootstrap against a plain loop."""
 
 import numpy as np
 import pytest
@@ -23,29 +23,48 @@ def closed_loop(users: int, seconds: float, step_s: float, tokens: int, t0: floa
     return out
 
 
-def test_window_rate_is_the_token_rate_of_the_steady_state():
+def test_round_throughput_is_the_token_rate_of_the_steady_state():
     recs = closed_loop(users=4, seconds=20, step_s=0.01, tokens=16)
-    rates = loadstats.window_rates(recs, 2.0)
-    # 4 users x (16 tokens per 0.05 + 15 x 0.01 = 0.2 s) = 320 tokens/s, independent of the windowing
-    assert len(rates) >= 8
-    assert rates.mean() == pytest.approx(4 * 16 / 0.2, rel=0.03)
+    m = loadstats.round_measures(recs)
+    # 4 users x 16 tokens per (0.05 + 15 x 0.01 = 0.2 s) = 320 tokens/s
+    assert m["throughput"] == pytest.approx(4 * 16 / 0.2, rel=0.03)
+    assert m["ttft_p50"] == pytest.approx(0.05) and m["tpot_mean"] == pytest.approx(0.01)
+    assert m["e2e_p50"] == pytest.approx(0.2)
 
 
-def test_ratio_ci_finds_a_real_speedup_and_no_difference_where_there_is_none():
-    a = [closed_loop(4, 15, 0.010, 16, t0=1000.0 + 100 * i, jitter=0.1, seed=i) for i in range(3)]
-    b = [closed_loop(4, 15, 0.007, 16, t0=1050.0 + 100 * i, jitter=0.1, seed=10 + i) for i in range(3)]
-    same = [closed_loop(4, 15, 0.010, 16, t0=1050.0 + 100 * i, jitter=0.1, seed=20 + i) for i in range(3)]
-    faster = loadstats.pair_ratios(a, b, 2.0)
-    expected = (0.05 + 15 * 0.010) / (0.05 + 15 * 0.007)  # throughput ratio of the two step times
+def rounds(step_s, n, t0, seed, drift=()):
+    """n rounds of closed-loop load; round i's step time scaled by drift[i] (the box's conditions that round)."""
+    return [closed_loop(4, 10, step_s * (drift[i] if drift else 1.0), 16, t0=t0 + 100 * i, jitter=0.1,
+                        seed=seed + i) for i in range(n)]
+
+
+def test_paired_rounds_find_a_real_speedup_despite_drift_and_no_difference_where_there_is_none():
+    drift = (1.0, 1.3, 0.8, 1.1, 0.9, 1.2)  # both servers see each round's conditions: pairing cancels them
+    a = rounds(0.010, 6, 1000.0, 0, drift)
+    b = rounds(0.007, 6, 1050.0, 10, drift)
+    same = rounds(0.010, 6, 1050.0, 20, drift)
+    faster = loadstats.pair_ratios(a, b)
+    # independent: per round, the ratio of the two request times (tokens per request are equal); geometric mean
+    per_round = [(0.05 + 15 * 0.010 * d) / (0.05 + 15 * 0.007 * d) for d in drift]
+    expected = float(np.exp(np.mean(np.log(per_round))))
     assert faster["throughput"]["lo"] <= expected <= faster["throughput"]["hi"]
+    assert faster["throughput"]["value"] == pytest.approx(expected, rel=0.03)
     assert faster["labels"] == {"throughput": "better", "ttft_p50": "no difference", "tpot_mean": "better",
                                 "e2e_p50": "better"}
     assert faster["tpot_mean"]["value"] == pytest.approx(0.7, rel=0.05)
-    assert faster["e2e_p50"]["value"] == pytest.approx((0.05 + 15 * 0.007) / (0.05 + 15 * 0.010), rel=0.05)
-    equal = loadstats.pair_ratios(a, same, 2.0)
+    equal = loadstats.pair_ratios(a, same)
     assert equal["labels"]["throughput"] == "no difference"
-    assert equal["throughput"]["lo"] <= 1.0 <= equal["throughput"]["hi"] or \
-        0.95 <= equal["throughput"]["lo"] and equal["throughput"]["hi"] <= 1.05
+    assert equal["rounds"] == {"a": 6, "b": 6} and equal["throughput"]["rounds"] == 6
+
+
+def test_paired_t_interval_against_a_direct_computation():
+    ratios = [1.10, 1.30, 0.95, 1.20]
+    ci = loadstats.paired_ratio([1.0] * 4, ratios)
+    logs = np.log(ratios)
+    half = 3.182 * logs.std(ddof=1) / 2  # t(0.975, 3) = 3.182
+    assert ci["value"] == pytest.approx(np.exp(logs.mean()))
+    assert (ci["lo"], ci["hi"]) == pytest.approx((np.exp(logs.mean() - half), np.exp(logs.mean() + half)))
+    assert loadstats.label(ci, True) == "no difference"  # spans 1
 
 
 def test_labels():

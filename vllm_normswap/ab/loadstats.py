@@ -1,18 +1,22 @@
 """int8 ÷ bf16 load ratios with confidence intervals, from locust's per-request records of alternating rounds.
 
-Throughput is counted per time window: every output token is placed at its arrival time (request start + TTFT +
-the inter-token gaps), and each round contributes the windows that lie inside its steady state, from one ramp-up
-after its first request to its last request start (after that, locust stops sending and concurrency drains).
-Latencies (TTFT, TPOT, end-to-end) are per request, from requests started inside the steady state.
-CIs: percentile bootstrap, resampling windows (throughput) or requests (latencies) of the two servers
-independently. A ratio whose CI contains 1, or lies wholly within ±EQUIVALENCE of 1, reads "no difference".
+Each round has a steady state, from one ramp-up after its first request to its last request start (after that,
+locust stops sending and concurrency drains). A round's throughput counts the output tokens that arrive inside it
+(request start + TTFT + the inter-token gaps) over its length; its latencies are the TTFT median, the TPOT mean
+and the end-to-end median of the requests started inside it.
+CIs are over rounds, the independent unit: tokens and requests within a round share its conditions (the box's
+other load, the server's state), so treating them as independent gave CIs too narrow to repeat. Round i of B is
+paired with round i of A, measured right after it, and the ratio's CI is a paired t interval on the log ratios:
+exp(mean ± t(0.975, n - 1) · sd / √n). A ratio whose CI contains 1, or lies wholly within ±EQUIVALENCE of 1,
+reads "no difference".
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-N_BOOT = 2000
 EQUIVALENCE = 0.05  # |ratio - 1| below this is not a difference a user would act on, however narrow the CI
 RAMP_S = 1.0  # locust spawns all users within a second (-r = -u)
 
@@ -35,37 +39,10 @@ def steady_span(records: list[dict], ramp_s: float = RAMP_S) -> tuple[float, flo
     return (t0, t1) if t1 > t0 else None
 
 
-def window_rates(records: list[dict], window_s: float) -> np.ndarray:
-    """Output tokens/s in consecutive windows of ``window_s`` inside one round's steady state."""
-    span = steady_span(records)
-    if span is None:
-        return np.zeros(0)
-    t0, t1 = span
-    n = int((t1 - t0) // window_s)
-    if n < 1:  # a round shorter than a window: the whole steady span is one window
-        n, window_s = 1, t1 - t0
-    times = np.concatenate([token_times(r) for r in records if r.get("ok")])
-    counts, _ = np.histogram(times, bins=t0 + window_s * np.arange(n + 1))
-    return counts / window_s
-
-
 def steady_requests(records: list[dict]) -> list[dict]:
     span = steady_span(records, ramp_s=0.0)
     ok = [r for r in records if r.get("ok")]
     return ok if span is None else [r for r in ok if r["t_start"] <= span[1]]
-
-
-def ratio_ci(a: np.ndarray, b: np.ndarray, stat=np.mean, n_boot: int = N_BOOT, seed: int = 0) -> dict | None:
-    """stat(b) / stat(a) with a 95% percentile-bootstrap CI, a and b resampled independently."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or len(b) < 2 or stat(a) <= 0:
-        return None
-    rng = np.random.default_rng(seed)
-    ra = stat(a[rng.integers(0, len(a), (n_boot, len(a)))], axis=-1)
-    rb = stat(b[rng.integers(0, len(b), (n_boot, len(b)))], axis=-1)
-    boots = rb / np.maximum(ra, 1e-300)
-    return {"value": float(stat(b) / stat(a)), "lo": float(np.percentile(boots, 2.5)),
-            "hi": float(np.percentile(boots, 97.5)), "n_a": int(len(a)), "n_b": int(len(b))}
 
 
 def label(ci: dict | None, higher_is_better: bool) -> str:
@@ -79,25 +56,50 @@ def label(ci: dict | None, higher_is_better: bool) -> str:
 
 
 LATENCY_KEYS = ("throughput", "ttft_p50", "tpot_mean", "e2e_p50")  # the ratios reported, throughput first
+HIGHER_IS_BETTER = {"throughput": True, "ttft_p50": False, "tpot_mean": False, "e2e_p50": False}
+
+# two-sided 95% Student t quantiles by degrees of freedom (scipy is not a dependency)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
-def pair_ratios(rounds_a: list[list[dict]], rounds_b: list[list[dict]], window_s: float) -> dict:
-    """B ÷ A for throughput (windows), TTFT p50, mean TPOT and end-to-end p50 (requests), each with CI and label."""
-    rates_a = np.concatenate([window_rates(r, window_s) for r in rounds_a] or [np.zeros(0)])
-    rates_b = np.concatenate([window_rates(r, window_s) for r in rounds_b] or [np.zeros(0)])
-    req_a = [r for rnd in rounds_a for r in steady_requests(rnd)]
-    req_b = [r for rnd in rounds_b for r in steady_requests(rnd)]
-    out = {"throughput": ratio_ci(rates_a, rates_b),
-           "ttft_p50": ratio_ci([r["ttft"] for r in req_a], [r["ttft"] for r in req_b], stat=np.median),
-           # the mean, not the median: the server may send a request's tokens in one burst, so many TPOTs are ~0
-           "tpot_mean": ratio_ci([r["tpot"] for r in req_a], [r["tpot"] for r in req_b], stat=np.mean),
-           "e2e_p50": ratio_ci([r["e2e"] for r in req_a], [r["e2e"] for r in req_b], stat=np.median)}
-    out["labels"] = {k: label(out[k], higher_is_better=k == "throughput") for k in LATENCY_KEYS}
-    out["windows"] = {"a": int(len(rates_a)), "b": int(len(rates_b)), "window_s": window_s}
-    out["per_round_tokens_per_s"] = {"a": [_round_rate(r) for r in rounds_a], "b": [_round_rate(r) for r in rounds_b]}
+def t975(df: int) -> float:
+    return _T975.get(df) or _T975[max(k for k in _T975 if k <= df)] if df < 30 else 1.96 + 2.4 / df
+
+
+def round_measures(records: list[dict]) -> dict[str, float] | None:
+    """One round's throughput (tokens/s in its steady state) and latencies (s)."""
+    span = steady_span(records)
+    if span is None:
+        return None
+    t0, t1 = span
+    ok = [r for r in records if r.get("ok")]
+    times = np.concatenate([token_times(r) for r in ok])
+    req = steady_requests(records)
+    return {"throughput": float(((times >= t0) & (times < t1)).sum() / (t1 - t0)),
+            "ttft_p50": float(np.median([r["ttft"] for r in req])),
+            "tpot_mean": float(np.mean([r["tpot"] for r in req])),
+            "e2e_p50": float(np.median([r["e2e"] for r in req]))}
+
+
+def paired_ratio(a: list[float], b: list[float]) -> dict | None:
+    """B ÷ A over paired rounds: geometric mean of the round ratios with a paired t CI on their logs."""
+    pairs = [(x, y) for x, y in zip(a, b) if x and y and x > 0 and y > 0]
+    if len(pairs) < 2:
+        return None
+    logs = np.log([y / x for x, y in pairs])
+    half = t975(len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
+    m = logs.mean()
+    return {"value": float(math.exp(m)), "lo": float(math.exp(m - half)), "hi": float(math.exp(m + half)),
+            "rounds": len(pairs)}
+
+
+def pair_ratios(rounds_a: list[list[dict]], rounds_b: list[list[dict]]) -> dict:
+    """B ÷ A for throughput, TTFT p50, mean TPOT and end-to-end p50, each with a CI over paired rounds."""
+    ma = [round_measures(r) or {} for r in rounds_a]
+    mb = [round_measures(r) or {} for r in rounds_b]
+    out = {k: paired_ratio([m.get(k) for m in ma], [m.get(k) for m in mb]) for k in LATENCY_KEYS}
+    out["labels"] = {k: label(out[k], HIGHER_IS_BETTER[k]) for k in LATENCY_KEYS}
+    out["rounds"] = {"a": len(ma), "b": len(mb)}
+    out["per_round_tokens_per_s"] = {"a": [m.get("throughput") for m in ma], "b": [m.get("throughput") for m in mb]}
     return out
-
-
-def _round_rate(records: list[dict], window_s: float = 1e9) -> float | None:
-    rates = window_rates(records, window_s)
-    return float(rates[0]) if len(rates) else None

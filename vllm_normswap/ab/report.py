@@ -44,21 +44,21 @@ def tables(results: dict, an: dict) -> list[tuple[str, list[str], list[list[str]
                _ci(c.get("int8_kl_vs_floor")), _ci(f.get("delta_ppl"))]
         comp.append(row + ([_ci(c.get("noise_floor", {}).get("kl"))] if noise else []))
     load = [["option", "tok/s int8÷bf16", "TTFT p50 int8÷bf16", "TPOT mean int8÷bf16", "E2E p50 int8÷bf16",
-             "windows bf16/int8", "bf16 tok/s per round", "int8 tok/s per round"]]
+             "rounds", "bf16 tok/s per round", "int8 tok/s per round"]]
     for o, c in results.get("comparisons", {}).items():
         ld = c.get("load")
         if not ld:
             continue
         per = ld["per_round_tokens_per_s"]
         load.append([o] + [f"{_ci(ld[k])}: {ld['labels'][k]}" for k in LATENCY_KEYS]
-                    + [f"{ld['windows']['a']}/{ld['windows']['b']}", ", ".join(_fmt(x, ".0f") for x in per["a"]),
+                    + [f"{ld['rounds']['a']}/{ld['rounds']['b']}", ", ".join(_fmt(x, ".0f") for x in per["a"]),
                        ", ".join(_fmt(x, ".0f") for x in per["b"])])
     timing = results["meta"].get("timing", {})
     split = [["phase", "seconds", "share"]]
     for k in ("startup", "warmup", "quality", "load", "probe", "other", "total"):
         if k in timing:
             split.append([k, f"{timing[k]:.0f}", f"{100 * timing[k] / max(timing['total'], 1e-9):.0f}%"])
-    warm = [["server", "warm-up s", "rounds", "settled", "median step ms per round"]]
+    warm = [["server", "warm-up s", "rounds", "settled", "median ms per output token, per round"]]
     for r in results["runs"]:
         w = r.get("warmup")
         if w:
@@ -76,8 +76,8 @@ def tables(results: dict, an: dict) -> list[tuple[str, list[str], list[list[str]
     return [(f"Server runs ({an['tau']:g} = outlier threshold)", runs[0], runs[1:]),
             ("Quality: int8 vs bf16 against the precision floor (fp32 reference vs bf16 server; 95% paired bootstrap "
              "CIs over documents)", comp[0], comp[1:]),
-            ("Load: int8 ÷ bf16 over alternating rounds (95% bootstrap CIs; a CI containing 1 or within ±5% reads "
-             "'no difference')", load[0], load[1:]),
+            ("Load: int8 ÷ bf16 over alternating rounds (95% paired CIs over rounds; a CI containing 1 or within ±5% "
+             "reads 'no difference')", load[0], load[1:]),
             ("Mean-shift probe", probe[0], probe[1:]),
             ("Where the time went", split[0], split[1:]),
             ("Warm-up (excluded from every statistic)", warm[0], warm[1:])]

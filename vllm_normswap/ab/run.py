@@ -87,8 +87,8 @@ def add_arguments(p) -> None:
     ld.add_argument("--max-tokens", type=int, default=16, help="output tokens per load-test request")
     ld.add_argument("--load-seconds", type=float, default=30.0, help="measured load per server (after warm-up)")
     ld.add_argument("--min-requests", type=int, default=200, help="at least this many measured requests per server")
-    ld.add_argument("--rounds", type=int, default=3, help="alternating load rounds per server")
-    ld.add_argument("--window-s", type=float, default=2.0, help="throughput window for the ratio CIs")
+    ld.add_argument("--rounds", type=int, default=6,
+                    help="alternating load rounds per server: the ratio CIs are over these pairs of rounds")
     ld.add_argument("--warmup-max-s", type=float, default=120.0, help="give up settling the warm-up after this")
     ld.add_argument("--rate-sweep", default="", help="also run a rate sweep: 'dur:rate,dur:rate' (e.g. 10:1,10:4)")
     ld.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput SLO on time to first token")
@@ -319,7 +319,7 @@ class Runner:
     def _load(self, live: list[Target], recs: dict) -> None:
         """Alternating rounds, each server in turn, until each has --load-seconds and --min-requests measured."""
         a = self.args
-        per_round = max(a.load_seconds / max(a.rounds, 1), 2.0)
+        per_round = max(a.load_seconds / max(a.rounds, 1), 3.0)
         done = defaultdict(int)
         rounds = 0
         while live and (rounds < a.rounds or min(done[t.name] for t in live) < a.min_requests):
@@ -414,7 +414,6 @@ class Runner:
 
     def comparisons(self, runs: list[dict], floor_errors: dict) -> dict:
         out = {}
-        window = self.args.window_s
         for option in dict.fromkeys(r["option"] for r in runs):
             c: dict = {}
             bf16, int8, fp32 = f"{option}-bf16", f"{option}-int8", f"{option}-fp32"
@@ -435,7 +434,7 @@ class Runner:
             if bf16 + "#repeat" in s:
                 c["noise_floor"] = quality.summarize(s[bf16], s[bf16 + "#repeat"])
             if self.rounds.get(bf16) and self.rounds.get(int8):
-                c["load"] = loadstats.pair_ratios(self.rounds[bf16], self.rounds[int8], window)
+                c["load"] = loadstats.pair_ratios(self.rounds[bf16], self.rounds[int8])
             out[option] = c
         return out
 

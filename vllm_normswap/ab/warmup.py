@@ -3,8 +3,8 @@
 A cold vLLM server compiles or specialises kernels on the first call of each shape (Numba kernels for int8 and
 the observer, oneDNN primitives, torch.compile graphs when compiled). The load test runs at ``users`` concurrent
 requests, so every decode batch size from 1 to ``users`` and the prefill path must have run before the clock
-starts. Then the same concurrency is driven in rounds until the per-step latency settles: the median time per
-output token of a round is within ``tolerance`` of the round before. None of this traffic enters any statistic: the A/B
+starts. Then the same concurrency is driven in rounds until the per-step latency settles: the median end-to-end
+time per output token of a round is within ``tolerance`` of the round before. None of this traffic enters any statistic: the A/B
 scrapes /metrics and starts locust after the warm-up.
 """
 
@@ -19,25 +19,18 @@ import requests
 
 
 def stream_step_time(url: str, model: str, prompt: str, max_tokens: int) -> float | None:
-    """One streamed completion; its time per output token after the first (s). Counted with the server's usage
-    stats, since a chunk may carry several tokens."""
+    """One streamed completion; its end-to-end time per output token (s). End to end, not between chunks: under
+    load the server may send several tokens in one chunk, which makes chunk gaps read zero."""
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
                "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    first = last = None
-    first_n = n = 0
+    start, n = time.perf_counter(), 0
     with requests.post(f"{url}/v1/completions", json=payload, stream=True, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"warm-up request answered {r.status_code}: {r.text[:300]}")
         for line in r.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            done = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens") or 0
-            if done > n:
-                now = time.perf_counter()
-                if first is None:
-                    first, first_n = now, done
-                last, n = now, done
-    return (last - first) / (n - first_n) if first is not None and n > first_n else None
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                n = max(n, (json.loads(line[6:]).get("usage") or {}).get("completion_tokens") or 0)
+    return (time.perf_counter() - start) / n if n else None
 
 
 def _concurrent(url, model, prompts, n, max_tokens) -> list[float]:
