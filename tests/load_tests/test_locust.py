@@ -1,6 +1,7 @@
 """Real locust against a real vLLM server (one tiny random checkpoint, shared by the module): headless fixed
 concurrency, a rate sweep, and distributed mode with 1 master + 1 worker. Numbers are checked against the
-server's own token counters (vllm:generation_tokens_total), which locust never sees."""
+server's own token counters (vllm:generation_tokens_total), which locust never sees, and our TTFT/TPOT medians and
+goodput against `vllm bench serve` on the same server and workload."""
 
 import json
 import subprocess
@@ -26,7 +27,7 @@ def server(tmp_path_factory):
     prompts = wl.save_prompts(root / "prompts.jsonl")
     spec = ServerSpec("ln-gelu", str(ckpt), extra=["--enforce-eager"])
     with ServerRun(spec, get_open_port(), root / "logs") as url:
-        yield url, prompts, root
+        yield url, prompts, root, ckpt
 
 
 def _generated(url):
@@ -34,13 +35,13 @@ def _generated(url):
 
 
 def test_headless_fixed_concurrency(server):
-    url, prompts, root = server
+    url, prompts, root, _ = server
     before = _generated(url)
     proc = loadgen.run_locust(url, prompts, root / "fixed", users=3, run_time_s=60, max_requests=9)
     assert proc.returncode == 0, (root / "fixed" / "locust.log").read_text()[-2000:]
     records, start = loadgen.read_records(root / "fixed" / "records")
     assert start is not None and len(records) == 9
-    s = loadgen.summarize(records, slo_ttft_ms=1e9, slo_itl_ms=1e9)
+    s = loadgen.summarize(records, slo_ttft_ms=1e9, slo_tpot_ms=1e9)
     assert s["ok"] == 9 and s["errors"] == 0 and s["max_tokens_mismatch"] == 0
     assert s["output_tokens"] == 9 * MAX_TOKENS
     time.sleep(1.5)
@@ -60,19 +61,19 @@ def test_headless_fixed_concurrency(server):
 
 
 def test_rate_sweep_shape(server):
-    url, prompts, root = server
+    url, prompts, root, _ = server
     table = [(4, 1.0), (4, 2.0)]
     proc = loadgen.run_locust(url, prompts, root / "sweep", rate_table=table, per_user_rate=1.0)
     assert proc.returncode == 0, (root / "sweep" / "locust.log").read_text()[-2000:]
     records, start = loadgen.read_records(root / "sweep" / "records")
-    stages = loadgen.summarize_sweep(records, start, table, slo_ttft_ms=1e9, slo_itl_ms=1e9)
+    stages = loadgen.summarize_sweep(records, start, table, slo_ttft_ms=1e9, slo_tpot_ms=1e9)
     assert [s["offered_rps"] for s in stages] == [1.0, 2.0]
     n1, n2 = stages[0]["requests"], stages[1]["requests"]
     assert 2 <= n1 <= 6 and n2 > n1  # ~4 then ~8 requests offered (paced users; tiny model keeps up)
 
 
 def test_distributed_master_and_one_worker(server):
-    url, prompts, root = server
+    url, prompts, root, _ = server
     d = root / "dist"
     d.mkdir()
     env = {"NORMSWAP_WORKLOAD": str(prompts), "NORMSWAP_RECORDS": str(d / "records"), "PATH": "/usr/bin:/bin"}
@@ -101,3 +102,51 @@ def test_distributed_master_and_one_worker(server):
     # the master aggregated the worker's custom events (requests cut off at the time limit are not counted)
     assert int(e2e[0].split(",")[2]) == len(done)
     json.dumps(loadgen.summarize(records))
+
+
+# Both clients time the same server one after the other: medians of a tiny model on a shared CPU move by a few ms
+# between runs, while a definition mistake (seconds vs ms, TTFT inside TPOT, per-request vs per-token) moves
+# them by a factor. Bench serve's medians are the reference.
+MEDIAN_RTOL, MEDIAN_ATOL_MS = 0.35, 5.0
+
+
+def test_medians_and_goodput_agree_with_vllm_bench_serve(server):
+    url, prompts, root, ckpt = server
+    n, users = 48, 4
+    proc = loadgen.run_locust(url, prompts, root / "vs-bench", users=users, run_time_s=120, max_requests=n)
+    assert proc.returncode == 0, (root / "vs-bench" / "locust.log").read_text()[-2000:]
+    records, _ = loadgen.read_records(root / "vs-bench" / "records")
+    ours = loadgen.summarize(records, slo_ttft_ms=1e9, slo_tpot_ms=1e9)
+    assert ours["ok"] == n
+    slos = {"slo_ttft_ms": ours["ttft_ms"]["p50"], "slo_tpot_ms": ours["tpot_ms"]["p50"]}
+
+    out = root / "bench"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
+           "--base-url", url, "--model", "ln-gelu", "--tokenizer", str(ckpt), "--dataset-name", "custom",
+           "--dataset-path", str(prompts), "--custom-output-len", str(MAX_TOKENS), "--skip-chat-template",
+           "--num-prompts", str(n), "--max-concurrency", str(users), "--request-rate", "inf", "--ignore-eos",
+           "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50",
+           "--save-result", "--save-detailed", "--result-dir", str(out), "--result-filename", "bench.json",
+           "--goodput", f"ttft:{slos['slo_ttft_ms']}", f"tpot:{slos['slo_tpot_ms']}", "--disable-tqdm"]
+    bench_proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert bench_proc.returncode == 0, bench_proc.stdout[-2000:] + bench_proc.stderr[-3000:]
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["completed"] == n and bench["total_output_tokens"] == n * MAX_TOKENS
+
+    for ours_key, bench_key in (("ttft_ms", "median_ttft_ms"), ("tpot_ms", "median_tpot_ms")):
+        got, want = ours[ours_key]["p50"], bench[bench_key]
+        print(f"{ours_key} p50: ours {got:.2f} ms, vllm bench serve {want:.2f} ms")
+        assert abs(got - want) <= max(MEDIAN_RTOL * want, MEDIAN_ATOL_MS), (ours_key, got, want)
+
+    # goodput: vLLM's own count (--goodput at our medians, so that about half the requests are good) and ours on
+    # the same requests, which bench serve's per-request times give us; TPOT as the locustfile computes it
+    same = [{"ok": True, "ttft": t, "e2e": e2e, "output_tokens": k, "max_tokens": MAX_TOKENS,
+             "tpot": (e2e - t) / (k - 1) if k > 1 else 0.0, "t_start": t0, "itl": itl}
+            for t, e2e, k, t0, itl in zip(bench["ttfts"], bench["latencies"], bench["output_lens"],
+                                          bench["start_times"], bench["itls"])]
+    mine = loadgen.summarize(same, **slos)
+    theirs = bench["request_goodput"] / bench["request_throughput"]
+    print(f"SLO attainment at TTFT {slos['slo_ttft_ms']:.1f} ms, TPOT {slos['slo_tpot_ms']:.1f} ms: "
+          f"ours {mine['slo_attainment']:.3f}, vllm bench serve {theirs:.3f}")
+    assert 0 < theirs < 1, "SLOs at the medians should split the requests"
+    assert mine["slo_attainment"] == pytest.approx(theirs, abs=1e-9)

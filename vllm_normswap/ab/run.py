@@ -91,8 +91,10 @@ def add_arguments(p) -> None:
                     help="alternating load rounds per server: the ratio CIs are over these pairs of rounds")
     ld.add_argument("--warmup-max-s", type=float, default=120.0, help="give up settling the warm-up after this")
     ld.add_argument("--rate-sweep", default="", help="also run a rate sweep: 'dur:rate,dur:rate' (e.g. 10:1,10:4)")
-    ld.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput SLO on time to first token")
-    ld.add_argument("--slo-itl-ms", type=float, default=200.0, help="goodput SLO on mean inter-token latency")
+    ld.add_argument("--slo-ttft-ms", type=float, default=1000.0,
+                    help="goodput SLO on time to first token (as `vllm bench serve --goodput ttft:MS`)")
+    ld.add_argument("--slo-tpot-ms", type=float, default=200.0,
+                    help="goodput SLO on time per output token (as `vllm bench serve --goodput tpot:MS`)")
     pr = p.add_argument_group("mean-shift probe")
     pr.add_argument("--probe-shifts", default=[8.0], type=_floats,
                     help="probe servers: constants c > 0, one server start each ('' = none)")
@@ -341,7 +343,7 @@ class Runner:
         for t in live:
             rec = recs[t.name]
             records = [r for rnd in self.rounds[t.name] for r in loadstats.steady_requests(rnd)]
-            summary = loadgen.summarize(records, a.slo_ttft_ms, a.slo_itl_ms)
+            summary = loadgen.summarize(records, a.slo_ttft_ms, a.slo_tpot_ms)
             summary["rounds"] = len(self.rounds[t.name])
             summary["round_seconds"] = per_round
             summary["requests_all"] = sum(len(r) for r in self.rounds[t.name])
@@ -352,7 +354,7 @@ class Runner:
                                    rate_table=table, per_user_rate=0.5)
                 recs_s, st = loadgen.read_records(ds / "records")
                 summary["sweep"] = loadgen.summarize_sweep(recs_s, st, table, slo_ttft_ms=a.slo_ttft_ms,
-                                                           slo_itl_ms=a.slo_itl_ms) if st else []
+                                                           slo_tpot_ms=a.slo_tpot_ms) if st else []
             loadgen.to_csv(summary, self.dir / "load" / t.name / "latency.csv")
             rec["load"] = summary
             m2 = metrics.settled_scrape(t.url, tries=2)
