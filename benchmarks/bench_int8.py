@@ -1,13 +1,13 @@
 """bf16 vs normswap_int8 in vLLM on one Llama-shaped model with dummy weights; prints one JSON object.
 
     python benchmarks/bench_int8.py [--layers 16 --hidden 2048 --ffn 5632 --vocab 44032] [--compiled] [--lm-head]
-                                    [--rounds 3] [--threads-bind 0]
+                                    [--rounds 3] [--threads-bind 0] [--batches 1,8] [--device cpu|cuda]
 
 Each configuration runs in its own subprocess (one engine each, same settings; prefix caching off so every
 prompt is really prefilled). Figures:
-- decode tokens/s at batch 1 and 8: (tokens of a 1+D-token generation minus a 1-token one) / time difference,
-  so prefill is excluded; roofline = read bandwidth / bytes read per decode step (all weights except the embedding
-  table, of which a step reads one row per token);
+- decode tokens/s at each of --batches (default 1 and 8): (tokens of a 1+D-token generation minus a 1-token
+  one) / time difference, so prefill is excluded; roofline = read bandwidth / bytes read per decode step (all
+  weights except the embedding table, of which a step reads one row per token);
 - prefill tokens/s on 512-token prompts (max_tokens=1);
 - resident weight memory: bytes of the model's parameters and buffers inside the worker;
 - batch-1 breakdown: the step time split into linear layers and LM head (the same kernels timed standalone at
@@ -18,6 +18,9 @@ prompt is really prefilled). Figures:
   per step, the time inside torch ops by kind (int8 GEMV, bf16 GEMM, vLLM's C++ kernels, other aten ops) and
   the rest of the wall time, i.e. Python and scheduling between ops (the profiler adds a few us per op).
 --lm-head adds a third configuration, normswap_int8 with `lm_head: true` (the LM head in int8 too).
+--device cuda (with the CUDA vLLM wheel): the same engine runs, minus what only means something on CPU (thread
+binding, the standalone CPU kernel breakdown, the CPU profile, the int8 LM head); the roofline is the GPU's
+memory read bandwidth, measured here.
 Default vocab 44032 makes the model just over 1B parameters (untied LM head, full multi-head attention).
 """
 
@@ -59,6 +62,32 @@ def core_read_bw(mib: int = 512, reps: int = 3) -> float:
     return a.nbytes / best
 
 
+def gpu_read_bw(gib: int = 2, reps: int = 5) -> float:
+    """Bytes/s the GPU reads from its memory (a sum over a buffer far larger than its L2 cache): the roofline of
+    bandwidth-bound decode. Measured in this process after the engines are gone, so it has the GPU to itself."""
+    import torch
+
+    x = torch.ones(gib << 28, dtype=torch.float32, device="cuda")
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        x.sum()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    nbytes = x.numel() * x.element_size()
+    del x
+    torch.cuda.empty_cache()
+    return nbytes / best
+
+
+def is_rate(key: str) -> bool:
+    """The throughput figures (higher is better; the best over rounds is kept)."""
+    return key.startswith("decode_tok_s_batch") or key == "prefill_tok_s_512"
+
+
 def seconds(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -91,21 +120,23 @@ MODES = {  # configuration -> (--quantization, hf_overrides)
 }
 
 
-def make_llm(model: str, mode: str, eager: bool):
+def make_llm(model: str, mode: str, eager: bool, max_num_seqs: int = 8):
     from vllm import LLM
 
     quant, overrides = MODES[mode]
     return LLM(model=model, load_format="dummy", dtype="bfloat16", quantization=quant, hf_overrides=overrides,
                enforce_eager=eager, skip_tokenizer_init=True, max_model_len=1024, enable_prefix_caching=False,
-               seed=0, max_num_seqs=8, max_num_batched_tokens=512)  # caps the start-up profile run at 512 tokens
+               seed=0, max_num_seqs=max_num_seqs,
+               max_num_batched_tokens=512)  # caps the start-up profile run at 512 tokens
 
 
-def worker(model: str, mode: str, eager: bool, decode_tokens: int, prefill_reps: int) -> dict:
+def worker(model: str, mode: str, eager: bool, decode_tokens: int, prefill_reps: int,
+           batches: tuple[int, ...] = (1, 8)) -> dict:
     from vllm import SamplingParams
 
     from vllm_normswap.quant.footprint import weight_bytes
 
-    llm = make_llm(model, mode, eager)
+    llm = make_llm(model, mode, eager, max_num_seqs=max(8, *batches))
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
 
     def gen(batch: int, prompt_len: int, max_tokens: int, salt: int) -> float:
@@ -118,7 +149,8 @@ def worker(model: str, mode: str, eager: bool, decode_tokens: int, prefill_reps:
 
     gen(1, 16, 4, 0)  # warm-up (first-call allocations)
     out = {"quantization": mode}
-    for batch, reps in ((1, 2), (8, 1)):
+    for batch in batches:
+        reps = 2 if batch == 1 else 1  # batch 1 is the noisiest figure and the cheapest to repeat
         t_full = min(gen(batch, 16, 1 + decode_tokens, 10 + r) for r in range(reps))
         t_pre = min(gen(batch, 16, 1, 20 + r) for r in range(reps))
         out[f"decode_tok_s_batch{batch}"] = batch * decode_tokens / (t_full - t_pre)
@@ -247,7 +279,7 @@ def run_worker(cmd: list[str], env: dict | None = None) -> dict | None:
     return json.loads(lines[-1].removeprefix("BENCH_JSON "))
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=2048)
@@ -267,29 +299,45 @@ def main() -> int:
                     help="also run normswap_int8 with lm_head: true (the LM head in int8 too)")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the in-process torch.profiler run of batch-1 decode")
+    ap.add_argument("--batches", default="1,8", help="decode batch sizes, comma-separated")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: skip the CPU-only parts (thread binding, kernel breakdown, profile, core bandwidth)")
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> int:
+    ap = parser()
     a = ap.parse_args()
+    batches = tuple(int(b) for b in a.batches.split(","))
+    if 1 not in batches:
+        ap.error("--batches must include 1 (the roofline and the breakdown are batch-1 figures)")
     if a.worker and a.profile_worker:
         res = profile_worker(a.model, a.worker, a.eager, a.decode_tokens)
         print("BENCH_JSON " + json.dumps(res), flush=True)
         return 0
     if a.worker:
-        res = worker(a.model, a.worker, a.eager, a.decode_tokens, a.prefill_reps)
+        res = worker(a.model, a.worker, a.eager, a.decode_tokens, a.prefill_reps, batches)
         print("BENCH_JSON " + json.dumps(res), flush=True)
         return 0
 
     import torch
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    cpu = a.device == "cpu"
+    if not cpu and a.lm_head:
+        ap.error("--lm-head: the int8 LM head is implemented on CPU only")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(weight_bytes) in the worker
-    bind = f"0-{os.cpu_count() - 1}" if a.threads_bind == "all" else a.threads_bind
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-    # the standalone kernel timings of the breakdown use as many threads as the vLLM worker gets
-    threads = len(bind_cpus(bind))
-    torch.set_num_threads(threads)
+    bind, threads = None, None
+    if cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        bind = f"0-{os.cpu_count() - 1}" if a.threads_bind == "all" else a.threads_bind
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        # the standalone kernel timings of the breakdown use as many threads as the vLLM worker gets
+        threads = len(bind_cpus(bind))
+        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_config(Path(tmp) / "model", a)
         runs, profiles = {}, {}
@@ -297,36 +345,44 @@ def main() -> int:
         for rnd in range(a.rounds):  # configurations alternate; each figure is the best over the rounds
             for mode in modes:
                 cmd = [sys.executable, __file__, "--worker", mode, "--model", str(Path(tmp) / "model"),
-                       "--decode-tokens", str(a.decode_tokens), "--prefill-reps", str(a.prefill_reps)] + (
+                       "--decode-tokens", str(a.decode_tokens), "--prefill-reps", str(a.prefill_reps),
+                       "--batches", a.batches] + (
                           [] if a.compiled else ["--eager"])
                 r = run_worker(cmd)
                 if r is None:
                     return 1
                 print(f"round {rnd + 1}/{a.rounds} {mode}: " + ", ".join(
-                    f"{k} {v:.2f}" for k, v in r.items() if k.endswith(("_batch1", "_batch8", "_512"))),
+                    f"{k} {v:.2f}" for k, v in r.items() if is_rate(k)),
                     file=sys.stderr, flush=True)
                 runs[mode] = r if mode not in runs else {
-                    k: max(v, runs[mode][k]) if k.endswith(("_batch1", "_batch8", "_512")) else v
+                    k: max(v, runs[mode][k]) if is_rate(k) else v
                     for k, v in r.items()}
-                if a.profile and rnd == 0:
+                if a.profile and cpu and rnd == 0:
                     profiles[mode] = run_worker(cmd + ["--profile-worker"], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                                                              "OMP_NUM_THREADS": str(threads)})
                     if profiles[mode] is None:
                         return 1
 
-    core_bw = core_read_bw()
+    read_bw = READ_BW if cpu else gpu_read_bw()
     embed_bytes = cfg["vocab_size"] * cfg["hidden_size"] * 2  # not read per step (one row per token)
     result = {"model": {"params": param_count(cfg), **{k: cfg[k] for k in (
         "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")}},
-        "threads_bind": bind, "compiled": a.compiled, "rounds": a.rounds, "read_bw_GBps": READ_BW / 1e9,
-        "core_read_bw_GBps": core_bw / 1e9}
+        "device": a.device, "batches": list(batches), "threads_bind": bind, "compiled": a.compiled,
+        "rounds": a.rounds, "read_bw_GBps": read_bw / 1e9}
+    if cpu:
+        core_bw = core_read_bw()
+        result["core_read_bw_GBps"] = core_bw / 1e9
     for mode, r in runs.items():
         step_bytes = r["weight_bytes"] - embed_bytes
         r["bytes_per_decode_step"] = step_bytes
-        r["roofline_tok_s_batch1"] = READ_BW / step_bytes
+        r["roofline_tok_s_batch1"] = read_bw / step_bytes
         r["roofline_fraction_batch1"] = r["decode_tok_s_batch1"] / r["roofline_tok_s_batch1"]
-        r["core_roofline_tok_s_batch1"] = core_bw / step_bytes  # one core's bandwidth (the default: 1 thread)
-        r["core_roofline_fraction_batch1"] = r["decode_tok_s_batch1"] / r["core_roofline_tok_s_batch1"]
+        if cpu:
+            r["core_roofline_tok_s_batch1"] = core_bw / step_bytes  # one core's bandwidth (the default: 1 thread)
+            r["core_roofline_fraction_batch1"] = r["decode_tok_s_batch1"] / r["core_roofline_tok_s_batch1"]
+        result[mode] = r
+        if not cpu:
+            continue
         k = kernel_ms(cfg, quant=mode != "bf16", int8_head=mode == "normswap_int8_lm_head")
         step_ms = 1e3 / r["decode_tok_s_batch1"]
         r["batch1_breakdown_ms"] = {"step": step_ms, "linear_layers": k["linears_ms"], "lm_head": k["lm_head_ms"],
@@ -334,17 +390,17 @@ def main() -> int:
                                     "linear_per_layer": k["linear_per_layer_ms"]}
         if mode in profiles:
             r["batch1_profile"] = profiles[mode]
-        result[mode] = r
     b = runs["bf16"]
     for mode, key in (("normswap_int8", "int8_over_bf16"), ("normswap_int8_lm_head", "int8_lm_head_over_bf16")):
         if mode in runs:
             q = runs[mode]
-            result[key] = {"decode_batch1": q["decode_tok_s_batch1"] / b["decode_tok_s_batch1"],
-                           "decode_batch8": q["decode_tok_s_batch8"] / b["decode_tok_s_batch8"],
+            result[key] = {**{f"decode_batch{n}": q[f"decode_tok_s_batch{n}"] / b[f"decode_tok_s_batch{n}"]
+                              for n in batches},
                            "prefill_512": q["prefill_tok_s_512"] / b["prefill_tok_s_512"],
                            "weight_bytes": q["weight_bytes"] / b["weight_bytes"]}
-    result["goals"] = {"decode_batch1_ratio": 1.8, "prefill_ratio": 0.9, "weight_bytes_ratio": 0.5,
-                       "llama_cpp_q8_0_decode_tok_s_batch1": "25-27 (0.95B, same box, from environment notes)"}
+    if cpu:
+        result["goals"] = {"decode_batch1_ratio": 1.8, "prefill_ratio": 0.9, "weight_bytes_ratio": 0.5,
+                           "llama_cpp_q8_0_decode_tok_s_batch1": "25-27 (0.95B, same box, from environment notes)"}
     print(json.dumps(result, indent=2))
     return 0
 

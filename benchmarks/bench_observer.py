@@ -61,7 +61,7 @@ def run_setting(spec: dict) -> dict:
     return json.loads(lines[-1].removeprefix("BENCH_JSON "))
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--option", default="rms-swiglu")
@@ -75,10 +75,16 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternating off/on process pairs")
     p.add_argument("--thresholds", type=float, nargs="+", default=[3.0, 6.0, 20.0])
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = parser().parse_args()
     if args.worker:
         print("BENCH_JSON " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
+
+    import torch
 
     from vllm_normswap.checkpoints.random_init import make_arch, write_random_checkpoint
 
@@ -97,7 +103,8 @@ def main():
     ratio = {k: best["on"][k] / best["off"][k] for k in best["off"]}
     print(json.dumps({
         "benchmark": "observer_on_vs_off", "option": args.option, "hidden": args.hidden, "layers": args.layers,
-        "mode": "eager" if args.eager else "compiled", "device": "cpu", "threads": os.cpu_count(),
+        "mode": "eager" if args.eager else "compiled", "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": os.cpu_count(),
         "decode_batch": args.batch, "prefill_tokens": args.prefill_n * args.prefill_len,
         "thresholds": args.thresholds, "off": best["off"], "on": best["on"],
         "on_over_off": {k: round(v, 4) for k, v in ratio.items()}, "goal": GOAL,

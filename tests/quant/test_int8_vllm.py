@@ -3,11 +3,15 @@
 - quality: mean KL(bf16 || int8) of the full next-token distributions over the prompt < KL_MAX nats/token;
 - every vLLM linear layer is int8, and holds exactly quantize() of the checkpoint tensors (independent: computed
   here from the safetensors file with the torch-only primitives, shards concatenated by the test);
-- `lm_head: true`: the LM head too is int8 (quantize() of the checkpoint tensor), within the same KL bar;
+- `lm_head: true`: the LM head too is int8 (quantize() of the checkpoint tensor), within the same KL bar (CPU; on
+  a GPU the load fails saying it is CPU-only);
 - offline checkpoint (`normswap quantize`) == online result, bit for bit, for channel, group and tensor;
 - tensor parallel 2: the int8 weights re-assembled from both ranks equal TP 1's bit for bit; distributions within
   KL_MAX / 10; greedy text equal up to a divergence at a near-tie;
 - misconfiguration fails at load with a message naming the problem.
+
+With the CUDA vLLM wheel on a GPU the same tests run on the GPU path (vLLM's Machete/Marlin kernel), where the
+int8 weights sit in the kernel's own layout: they are compared between loads as they are, not against quantize().
 
 vLLM runs happen in a few subprocesses (tests/quant/int8_runner.py), several engines per process.
 """
@@ -34,6 +38,7 @@ KL_MAX = 0.01  # nats/token, issue acceptance (per-channel and per-group)
 RUNNER = Path(__file__).with_name("int8_runner.py")
 GROUP = 64
 TIE_MARGIN = 0.05  # logprob gap under which a different greedy pick is rounding, not a bug (the parity tolerance)
+ON_GPU = torch.cuda.is_available()  # the CUDA vLLM wheel: vLLM runs on the GPU
 
 
 def prompts(n=3, vocab=512, seed=0):
@@ -77,10 +82,11 @@ def llama_runs(llama):
                       "hf_overrides": online(g), "dump_int8": True})
         specs.append({"model": str(llama["offline"][g]), "prompts": p, "dump_int8": True})
     specs.append({"model": str(llama["src"]), "prompts": p, "quantization": "normswap_int8", "dump_int8": True,
-                  "hf_overrides": {"quantization_config": {"quant_method": "normswap_int8", "lm_head": True}}})
-    results, _ = run_int8(specs, llama["root"] / "runs.pt")
+                  "hf_overrides": {"quantization_config": {"quant_method": "normswap_int8", "lm_head": True}},
+                  "expect_failure": ON_GPU})
+    results, log = run_int8(specs, llama["root"] / "runs.pt")
     bf16 = results[0]
-    return {"bf16": bf16, "lm_head": results[7],
+    return {"bf16": bf16, "lm_head": results[7], "log": log,
             **{g: {"online": results[1 + 2 * i], "offline": results[2 + 2 * i]}
                for i, g in enumerate(("channel", "group", "tensor"))}}
 
@@ -127,6 +133,8 @@ def test_vllm_layers_hold_primitive_quantization(llama, llama_runs, granularity)
     tensors = load_file(str(llama["src"] / "model.safetensors"))
     state = llama_runs[granularity]["online"]["int8"][0]
     assert state["int8_layers"] == state["linear_layers"] == 8  # 2 layers x (qkv, o, gate_up, down)
+    if state["kernel"]:
+        pytest.skip(f"the int8 weights are in {state['kernel']}'s layout (offline == online is checked there)")
     merged = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               "self_attn.o_proj": ("self_attn.o_proj",), "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
               "mlp.down_proj": ("mlp.down_proj",)}
@@ -148,7 +156,11 @@ def test_resident_weights_shrink(llama_runs):
 
 def test_int8_lm_head(llama, llama_runs):
     """`lm_head: true`: the head holds quantize() of the checkpoint's lm_head.weight per channel, the logits come
-    from it (the distributions move off the linear-only int8 run), and the KL bar still holds."""
+    from it (the distributions move off the linear-only int8 run), and the KL bar still holds. CPU only: on a GPU
+    the load fails with a message saying so."""
+    if ON_GPU:
+        assert "lm_head: true is implemented on CPU only" in llama_runs["log"] + llama_runs["lm_head"]["failed"]
+        return
     tensors = load_file(str(llama["src"] / "model.safetensors"))
     state = llama_runs["lm_head"]["int8"][0]
     assert state["int8_layers"] == state["linear_layers"] + 1

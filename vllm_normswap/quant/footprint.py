@@ -10,18 +10,26 @@ _METHODS = ("OnlineInt8LinearMethod", "CheckpointInt8LinearMethod", "Int8LMHeadM
 
 def int8_state(model: torch.nn.Module) -> dict:
     """{"layers": {module name: (int8 weight, scale)}, "param_bytes": resident bytes of all parameters and
-    buffers, "int8_layers": count (linear layers and an int8 LM head), "linear_layers": count of vLLM linear layers}."""
+    buffers, "int8_layers": count (linear layers and an int8 LM head), "linear_layers": count of vLLM linear layers,
+    "kernel": None on CPU; on GPU the vLLM kernel class(es), and "layers" holds `weight_packed` and `weight_scale`
+    as that kernel repacked them (on CPU tensors): not quantize()'s layout, but two loads that agree there hold the
+    same int8 weights and scales}."""
     from vllm.model_executor.layers.linear import LinearBase
 
-    layers, linear = {}, 0
+    layers, linear, kernels = {}, 0, set()
     for name, module in model.named_modules():
         if isinstance(module, LinearBase):
             linear += 1
-        if (type(getattr(module, "quant_method", None)).__name__ in _METHODS
-                and module.weight.dtype == torch.int8):  # an LM head tied to the embeddings stays bf16
+        method = getattr(module, "quant_method", None)
+        if type(method).__name__ not in _METHODS:
+            continue
+        if getattr(method, "gpu_kernel", None) is not None:
+            kernels.add(type(method.gpu_kernel).__name__)
+            layers[name] = (module.weight_packed.detach().cpu(), module.weight_scale.detach().cpu())
+        elif module.weight.dtype == torch.int8:  # an LM head tied to the embeddings stays bf16
             layers[name] = (module.weight.detach().clone(), module.weight_scale.detach().clone())
     return {"layers": layers, "param_bytes": weight_bytes(model), "int8_layers": len(layers),
-            "linear_layers": linear}
+            "linear_layers": linear, "kernel": ", ".join(sorted(kernels)) or None}
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
