@@ -7,6 +7,7 @@ Tests import it as ``from utils import ...`` (pytest puts tests/ on sys.path for
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -24,6 +25,7 @@ try:
 except ImportError:  # the process handle may live in its own module
     from vllm_normswap.vllm_server import VLLMServer
     from vllm_normswap.serve import server_argv
+from vllm_normswap.registry import OPTIONS
 
 TESTS = Path(__file__).resolve().parent
 VOCAB = 512  # vocabulary of the test checkpoints (make_checkpoint)
@@ -155,15 +157,25 @@ class ServerPairs:
     servers ever hold memory. For module fixtures parametrized over the names: pytest runs a module-scoped
     parameter's tests together, in parameter order.
 
-        pairs = ServerPairs({o: functools.partial(RemoteOpenAIServer, o, ckpt[o], log_dir / f"{o}.log") ...})
-        server = pairs[option]   # starts option's group if it is not running
-        pairs.stop()
+        with ServerPairs.for_options(lambda o: RemoteOpenAIServer(o, ckpt[o], log_dir / f"{o}.log")) as pairs:
+            server = pairs[option]   # starts option's group if it is not running
     """
 
     def __init__(self, factories: dict[str, Callable[[], VLLMServer]], together: int = 2):
         self.factories, self.together = factories, together
         self.names = list(factories)
         self.live: dict[str, VLLMServer] = {}
+
+    @classmethod
+    def for_options(cls, make: Callable[[str], VLLMServer], together: int = 2) -> "ServerPairs":
+        """One server per option of the registry, ``make(option)`` building it when its group starts."""
+        return cls({o: functools.partial(make, o) for o in OPTIONS}, together)
+
+    def __enter__(self) -> "ServerPairs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def __getitem__(self, name: str) -> VLLMServer:
         if name not in self.live:

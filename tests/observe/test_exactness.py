@@ -8,8 +8,6 @@ reference's at c = 0); RMSNorm does not, so they move (they equal the reference'
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -27,13 +25,10 @@ def servers(checkpoints, tmp_path_factory):
     """One eager float32 server per option with the probe on, started two at a time (utils.ServerPairs)."""
     logs = tmp_path_factory.mktemp("logs")
     overrides = {**observe_overrides(), "probe_shift": PROBE_C}
-    pairs = ServerPairs({o: functools.partial(RemoteOpenAIServer, o, checkpoints[o], logs / f"{o}.log",
-                                              hf_overrides=overrides,
-                                              extra=["--enforce-eager", "--dtype", "float32", "--max-model-len",
-                                                     "512"])
-                         for o in OPTIONS})
-    yield pairs
-    pairs.stop()
+    extra = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "512"]
+    with ServerPairs.for_options(lambda o: RemoteOpenAIServer(o, checkpoints[o], logs / f"{o}.log",
+                                                              hf_overrides=overrides, extra=extra)) as pairs:
+        yield pairs
 
 
 @pytest.fixture(scope="module", params=list(OPTIONS))

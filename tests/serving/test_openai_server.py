@@ -8,7 +8,6 @@ top-2 margin is clear, and the streamed text is the same as the non-streamed tex
 
 from __future__ import annotations
 
-import functools
 import shutil
 import sys
 from pathlib import Path
@@ -31,15 +30,14 @@ def servers(checkpoints, tmp_path_factory):
     """`normswap serve OPTION` for every option, started two at a time (utils.ServerPairs)."""
     logs = tmp_path_factory.mktemp("serve")
 
-    def argv(option, port):
-        return [NORMSWAP, "serve", option, "--model", str(checkpoints[option]), "--port", str(port),
-                "--", "--enforce-eager", "--max-model-len", "256"]
+    def server(option):
+        def argv(port):
+            return [NORMSWAP, "serve", option, "--model", str(checkpoints[option]), "--port", str(port),
+                    "--", "--enforce-eager", "--max-model-len", "256"]
+        return RemoteOpenAIServer(option, argv=argv, log_path=logs / f"{option}.log", startup_timeout=300)
 
-    pairs = ServerPairs({o: functools.partial(RemoteOpenAIServer, o, argv=functools.partial(argv, o),
-                                              log_path=logs / f"{o}.log", startup_timeout=300)
-                         for o in OPTIONS})
-    yield pairs
-    pairs.stop()
+    with ServerPairs.for_options(server) as pairs:
+        yield pairs
 
 
 @pytest.fixture(scope="module", params=list(OPTIONS))
