@@ -20,12 +20,9 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
 
-try:
-    from vllm_normswap.serve import VLLMServer, server_argv
-except ImportError:  # the process handle may live in its own module
-    from vllm_normswap.vllm_server import VLLMServer
-    from vllm_normswap.serve import server_argv
 from vllm_normswap.registry import OPTIONS
+from vllm_normswap.serve import server_argv
+from vllm_normswap.vllm_server import VLLMServer
 
 TESTS = Path(__file__).resolve().parent
 VOCAB = 512  # vocabulary of the test checkpoints (make_checkpoint)
