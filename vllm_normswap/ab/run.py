@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vllm_normswap.ab import loadgen, loadstats, metrics, quality
-from vllm_normswap.ab.servers import ServerRun, ServerSpec, free_port, log_errors
+from vllm_normswap.ab.servers import ServerRun, ServerSpec, free_port, log_errors, wait_quiet
 from vllm_normswap.ab.warmup import warm_up
 from vllm_normswap.ab.workload import build_workload
 from vllm_normswap.registry import BASELINE, NORM_ROLE, OPTIONS, PRECISIONS, parse_list
@@ -217,6 +217,7 @@ class Runner:
         self.noise = _self_noise(args)
         self.last_scrape: dict[str, dict] = {}  # run name -> /metrics after its quality eval
         self.next_port = args.port
+        self.pids: dict[str, int] = {}  # run name -> server process of the current group (for wait_quiet)
 
     def port(self) -> int:
         if not self.next_port:
@@ -230,6 +231,7 @@ class Runner:
         recs = {t.name: {"name": t.name, "option": t.option, "precision": t.precision, "probe_shift": t.probe_shift,
                          **({"url": t.url} if t.url else {"checkpoint": t.spec.model})} for t in group}
         runs = self._start(group, recs)
+        self.pids = {name: run.pid for name, run in runs.items() if run.pid}  # --endpoint servers have none
         try:
             live = [t for t in group if recs[t.name].get("status") != "failed"]
             for t in live:
@@ -323,6 +325,7 @@ class Runner:
         a = self.args
         per_round = max(a.load_seconds / max(a.rounds, 1), 3.0)
         done = defaultdict(int)
+        quiet = defaultdict(list)  # run name -> seconds waited for an idle group before each round
         rounds = 0
         while live and (rounds < a.rounds or min(done[t.name] for t in live) < a.min_requests):
             if rounds >= 4 * max(a.rounds, 1):  # a server too slow for --min-requests: stop, and say so
@@ -331,6 +334,9 @@ class Runner:
                                                  f"--min-requests {a.min_requests}")
                 break
             for t in live:
+                # every server of the group idle first: the one measured before goes on computing for up to a
+                # second after its last request, on the same core (servers.wait_quiet)
+                quiet[t.name].append(wait_quiet(list(self.pids.values())))
                 d = self.dir / "load" / t.name / f"round{rounds}"
                 proc = loadgen.run_locust(t.url, self.prompts_path, d, users=a.users, run_time_s=math.ceil(per_round),
                                           model=recs[t.name]["served_model"], seed=a.seed + rounds)
@@ -347,6 +353,7 @@ class Runner:
             summary["rounds"] = len(self.rounds[t.name])
             summary["round_seconds"] = per_round
             summary["requests_all"] = sum(len(r) for r in self.rounds[t.name])
+            summary["quiet_wait_s"] = [round(x, 2) for x in quiet[t.name]]
             if a.rate_sweep:
                 table = [tuple(map(float, x.split(":"))) for x in a.rate_sweep.split(",")]
                 ds = self.dir / "load" / t.name / "sweep"
