@@ -45,13 +45,13 @@ def in_process(specs: list[dict]) -> bool:
 
 if __name__ == "__main__":
     specs = json.loads(sys.argv[1])
+    specs = specs if isinstance(specs, list) else [specs]  # the output is a list either way
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # Engines in this process: with VLLM_ENABLE_V1_MULTIPROCESSING=0 vLLM's CPU platform runs EngineCore and
     # the worker here ("uni" executor) instead of spawning two processes that each import torch and vLLM again,
     # which is most of a tiny model's start-up. Tensor parallelism needs the worker processes (see in_process).
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING",
-                          "0" if in_process(specs if isinstance(specs, list) else [specs]) else "1")
-    results = [run(spec) for spec in (specs if isinstance(specs, list) else [specs])]
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process(specs) else "1")
+    results = [run(spec) for spec in specs]
     print("RESULT_JSON " + json.dumps(results), flush=True)
     # vLLM 0.32's CPU engine sometimes aborts while the interpreter tears down ("terminate called without an
     # active exception", SIGABRT) after all the work is done: leave without the teardown.
