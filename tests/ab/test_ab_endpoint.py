@@ -13,6 +13,9 @@ from vllm_normswap.ab.loadstats import LATENCY_KEYS
 from vllm_normswap.ab.servers import ServerRun, ServerSpec
 
 pytestmark = pytest.mark.server
+# What this file checks (endpoints measured, not started; the comparison's bookkeeping) does not depend on how
+# long the load ran: two rounds of 4 s per server are enough to give every latency a CI and a label.
+ENDPOINT_LOAD = ["--load-seconds", "4", "--rounds", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,8 @@ def endpoint_run(tmp_path_factory, ab):
     try:
         urls = [r.wait() for r in runs]
         argv = AB_ARGS + ["--endpoint", f"ln-gelu-bf16={urls[0]}", "--endpoint", f"ln-gelu-int8={urls[1]}",
-                          "--option", f"ln-gelu={ckpts['ln-gelu']}", "--out", str(root / "runs")]
+                          "--option", f"ln-gelu={ckpts['ln-gelu']}", "--out", str(root / "runs"),
+                          *ENDPOINT_LOAD]
         proc, summary = run_ab(argv)
     finally:
         for r in runs:
