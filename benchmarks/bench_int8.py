@@ -2,6 +2,8 @@
 
     python benchmarks/bench_int8.py [--layers 16 --hidden 2048 --ffn 5632 --vocab 44032] [--compiled] [--lm-head]
                                     [--rounds 3] [--threads-bind 0] [--batches 1,8] [--device cpu|cuda]
+    python benchmarks/bench_int8.py --sweep [--sweep-threads 1,2] [--peer-python .venv-peer/bin/python]
+                                    [--save benchmarks/results/int8_sweep_<kind>.json]
 
 Each configuration runs in its own subprocess (one engine each, same settings; prefix caching off so every
 prompt is really prefilled). Figures:
@@ -21,6 +23,9 @@ prompt is really prefilled). Figures:
 --device cuda (with the CUDA vLLM wheel): the same engine runs, minus what only means something on CPU (thread
 binding, the standalone CPU kernel breakdown, the CPU profile, the int8 LM head); the roofline is the GPU's
 memory read bandwidth, measured here.
+--sweep: the whole table on this machine, side by side in one run: decode at batch 1, 2, 4, 8, 16, 32 and prefill
+512 for bf16, int8 and llama.cpp Q8_0 (benchmarks/llama_cpp_peer.py, same shape) at each of --sweep-threads
+worker threads, with every ratio; --save writes it as a result file for benchmarks/README.md.
 Default vocab 44032 makes the model just over 1B parameters (untied LM head, full multi-head attention).
 """
 
@@ -81,6 +86,19 @@ def gpu_read_bw(gib: int = 2, reps: int = 5) -> float:
     del x
     torch.cuda.empty_cache()
     return nbytes / best
+
+
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
+KIND_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU model, core count and the flags that decide which kernels run (ours and vLLM's bf16 linear)."""
+    text = Path("/proc/cpuinfo").read_text()
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith("flags")), "").split())
+    kind = "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512 without BF16" if "avx512f" in flags else "AVX2"
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in KIND_FLAGS if f in flags], "kind": kind}
 
 
 def is_rate(key: str) -> bool:
@@ -302,6 +320,15 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batches", default="1,8", help="decode batch sizes, comma-separated")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: skip the CPU-only parts (thread binding, kernel breakdown, profile, core bandwidth)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the whole table: decode at batch 1-32 and prefill, bf16 vs int8 vs llama.cpp Q8_0, at each "
+                         "of --sweep-threads worker threads (one engine per configuration and thread count)")
+    ap.add_argument("--sweep-threads", default="1,2", help="worker thread counts of --sweep (threads bound to "
+                                                           "cores 0..N-1)")
+    ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", ""),
+                    help="a Python with llama-cpp-python and gguf (the 'bench' extra) for --sweep's llama.cpp "
+                         "column; default: this one if it has them, else the column is left out with a note")
+    ap.add_argument("--save", help="--sweep: also write the table as a result file for benchmarks/README.md")
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
@@ -323,6 +350,11 @@ def main() -> int:
         res = worker(a.model, a.worker, a.eager, a.decode_tokens, a.prefill_reps, batches)
         print("BENCH_JSON " + json.dumps(res), flush=True)
         return 0
+
+    if a.sweep:
+        if a.device != "cpu":
+            ap.error("--sweep is a CPU table (thread counts, llama.cpp)")
+        return sweep(a)
 
     import torch
 
@@ -403,6 +435,114 @@ def main() -> int:
                            "llama_cpp_q8_0_decode_tok_s_batch1": "25-27 (0.95B, same box, from environment notes)"}
     print(json.dumps(result, indent=2))
     return 0
+
+
+# ---------------- --sweep: batch sizes x threads x bf16 / int8 / llama.cpp ----------------
+
+def peer_python(a) -> str | None:
+    """The interpreter that runs llama_cpp_peer.py: --peer-python, else this one if it has llama_cpp."""
+    if a.peer_python:
+        return a.peer_python
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf") else None
+
+
+def run_peer(a, threads: list[int]) -> tuple[dict | None, str]:
+    """llama.cpp Q8_0 on the same shape and box: {threads: {measure: tok/s}}, or None and why not."""
+    python = peer_python(a)
+    if not python:
+        return None, ("llama.cpp column left out: no llama-cpp-python here (install the 'bench' extra, or pass "
+                      "--peer-python)")
+    cmd = [python, str(Path(__file__).with_name("llama_cpp_peer.py")), "--threads", *map(str, threads),
+           "--batches", ",".join(map(str, SWEEP_BATCHES)), "--layers", str(a.layers), "--hidden", str(a.hidden),
+           "--ffn", str(a.ffn), "--vocab", str(a.vocab)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-3000:])
+        return None, f"llama.cpp column left out: {' '.join(cmd[1:2])} failed (exit {proc.returncode})"
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    return {int(t): r for t, r in out["by_threads"].items()}, f"llama.cpp {out.get('llama_cpp_version', '?')}"
+
+
+SWEEP_MEASURES = tuple(f"decode_tok_s_batch{b}" for b in SWEEP_BATCHES) + ("prefill_tok_s_512",)
+
+
+def sweep(a) -> int:
+    threads = [int(t) for t in a.sweep_threads.split(",")]
+    info = cpu_info()
+    if max(threads) > info["cores"]:
+        raise SystemExit(f"--sweep-threads {a.sweep_threads}: this machine has {info['cores']} cores")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(weight_bytes) in the worker
+    runs: dict[int, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = write_config(Path(tmp) / "model", a)
+        for t in threads:
+            env = {"VLLM_CPU_OMP_THREADS_BIND": "0" if t == 1 else f"0-{t - 1}"}
+            runs[t] = {}
+            for rnd in range(a.rounds):  # bf16 and int8 alternate; each figure is the best over the rounds
+                for mode in ("bf16", "normswap_int8"):
+                    cmd = [sys.executable, __file__, "--worker", mode, "--model", str(Path(tmp) / "model"),
+                           "--decode-tokens", str(a.decode_tokens), "--prefill-reps", str(a.prefill_reps),
+                           "--batches", ",".join(map(str, SWEEP_BATCHES))] + ([] if a.compiled else ["--eager"])
+                    r = run_worker(cmd, env)
+                    if r is None:
+                        return 1
+                    print(f"{t} thread(s), round {rnd + 1}/{a.rounds}, {mode}: " + ", ".join(
+                        f"{k.removeprefix('decode_tok_s_')} {r[k]:.2f}" for k in SWEEP_MEASURES),
+                        file=sys.stderr, flush=True)
+                    best = runs[t].get(mode)
+                    runs[t][mode] = r if best is None else {k: max(v, best[k]) if is_rate(k) else v
+                                                            for k, v in r.items()}
+    peer, peer_note = run_peer(a, threads)
+    table = []
+    for t in threads:
+        b, q = runs[t]["bf16"], runs[t]["normswap_int8"]
+        for m in SWEEP_MEASURES:
+            row = {"threads": t, "measure": m.removeprefix("decode_tok_s_").replace("_tok_s_", " "),
+                   "bf16_tok_s": b[m], "int8_tok_s": q[m], "int8_over_bf16": q[m] / b[m]}
+            lc = (peer or {}).get(t, {}).get(m)
+            if lc:
+                row |= {"llama_cpp_tok_s": lc, "int8_over_llama_cpp": q[m] / lc}
+            table.append(row)
+    goals = {"int8_over_bf16_min": 1.0, "int8_over_bf16_batch1_min": 1.8, "int8_over_llama_cpp_min": 1.0}
+    result = {"benchmark": "bench_int8.py --sweep", "cpu": info, "model": {"params": param_count(cfg), **cfg},
+              "compiled": a.compiled, "rounds": a.rounds, "decode_tokens": a.decode_tokens, "peer": peer_note,
+              "date": time.strftime("%Y-%m-%d"), "table": table, "goals": goals,
+              "int8_weight_ratio": runs[threads[0]]["normswap_int8"]["weight_bytes"]
+              / runs[threads[0]]["bf16"]["weight_bytes"]}
+    print(json.dumps(result, indent=2))
+    if a.save:
+        Path(a.save).write_text(json.dumps(readme_table(result), indent=2) + "\n")
+    return 0
+
+
+def _tok_s(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def readme_table(result: dict) -> dict:
+    """The sweep as a benchmarks/README.md result file: per thread count, bf16 tok/s and the two ratios."""
+    cpu = result["cpu"]
+    measures = list(dict.fromkeys(r["measure"] for r in result["table"]))
+    rows = []
+    for t in dict.fromkeys(r["threads"] for r in result["table"]):
+        cells = {r["measure"]: r for r in result["table"] if r["threads"] == t}
+        rows.append([f"{t} thr: bf16 tok/s"] + [_tok_s(cells[m]["bf16_tok_s"]) for m in measures])
+        rows.append([f"{t} thr: int8 / bf16"] + [f"{cells[m]['int8_over_bf16']:.2f}x ({_tok_s(cells[m]['int8_tok_s'])})"
+                                                 for m in measures])
+        if any("llama_cpp_tok_s" in c for c in cells.values()):
+            rows.append([f"{t} thr: int8 / llama.cpp Q8_0"] + [
+                f"{cells[m]['int8_over_llama_cpp']:.2f}x ({_tok_s(cells[m]['llama_cpp_tok_s'])})"
+                if "llama_cpp_tok_s" in cells[m] else "-" for m in measures])
+    return {"title": f"int8 vs bf16 vs llama.cpp, every batch size, {cpu['kind']} ({result['date']})",
+            "benchmark": f"benchmarks/bench_int8.py --sweep (1.0B-parameter Llama shape, dummy weights, "
+                         f"{'compiled' if result['compiled'] else 'eager'}, best of {result['rounds']})",
+            "machine": f"{cpu['cores']}-core {cpu['model']}, worker threads bound to cores 0..N-1",
+            "cpu_flags": " ".join(cpu["flags"]),
+            "notes": f"{result['peer']}. Weights: int8 {result['int8_weight_ratio']:.2f}x bf16's bytes.",
+            "columns": [""] + measures, "rows": rows}
 
 
 if __name__ == "__main__":
