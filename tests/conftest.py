@@ -1,4 +1,5 @@
-"""Fixtures only; the helpers they are built from live in utils.py (re-exported here for tests/ab)."""
+"""Fixtures, and the per-file duration summary; the helpers the fixtures are built from live in utils.py
+(re-exported here for tests/ab)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,22 @@ def checkpoints(tmp_path_factory):
     without an entry in utils.OPTION_VARIANTS gets the default settings)."""
     root = tmp_path_factory.mktemp("ckpt")
     return {option: make_checkpoint(root / option, option) for option in OPTIONS}
+
+
+# ---- per-file durations (CI prints them: where the suite's time goes) --------------------------------------------
+
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration  # setup + call + teardown
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FILE_SECONDS:
+        return
+    total = sum(_FILE_SECONDS.values())
+    terminalreporter.section(f"seconds per test file ({total:.0f} s in all)")
+    for path, sec in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{sec:8.1f} s  {100 * sec / max(total, 1e-9):5.1f}%  {path}")
