@@ -111,7 +111,7 @@ def test_small_batch_kernels_match_reference(rows, n, k):
 def test_numba_paths_are_taken_only_where_they_apply(monkeypatch):
     q, scale = quantize(torch.randn(64, 128).to(torch.bfloat16), "channel")
     one = torch.randn(1, 128).to(torch.bfloat16)
-    k = dataclasses.replace(cpu_dispatch.knobs(), gemv="auto")
+    k = dataclasses.replace(cpu_dispatch.knobs(), gemv="auto", kernel="numba")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert cpu_dispatch.choose(one, scale, k) == "gemv"
     assert cpu_dispatch.choose(torch.randn(2, 128).to(torch.bfloat16), scale, k) != "gemv"  # batch > 1

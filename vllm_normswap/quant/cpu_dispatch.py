@@ -3,6 +3,10 @@ torch thread count. Thresholds come from measurements on [11264 x 2048] (benchma
 can override them for experiments (``knobs()``, read once, on the first matmul).
 
 In the order ``choose`` tries them:
+- "cpp": the compiled kernel (cpp_kernel.py; int16 activations x int8 weights in integer dot products, parallel
+  over the torch threads), wherever it built, up to ``cpp_max_rows`` rows, any activation dtype and scale
+  granularity. It beats both vLLM's bf16 linear and every kernel below in that range; the ones below remain for
+  where it is unavailable (no compiler) or switched off (NORMSWAP_INT8_KERNEL=numba).
 - "gemv": M = 1, bf16, any scale granularity, at most ``gemv_max_threads`` torch threads. One thread streaming
   the int8 rows is memory-bound and beats int8pack even on two threads; with more threads int8pack's parallel
   loop should win.
@@ -21,14 +25,18 @@ import os
 
 import torch
 
-from vllm_normswap.quant.cpu_kernels import (compiled_gemv, compiled_small_m, dequant_block_mm, gemv_int8,
-                                             int8pack_mm, native_bf16, small_m_int8)
+import vllm_normswap.quant.cpp_kernel as cpp_kernel
+from vllm_normswap.quant.cpu_kernels import (compiled_gemv, compiled_small_m, cpp_int8_mm, dequant_block_mm,
+                                             gemv_int8, int8pack_mm, native_bf16, small_m_int8)
 
 # torch's int8pack CPU kernel reads past the end of the row when K is not a multiple of its block: on an AVX-512
 # CPU (torch 2.13) K = 8, 40, 100, 136, 520 gave garbage or a segfault, multiples of 16 were exact. Other K take
 # the block-dequantize path, which is right for any shape.
 INT8PACK_K_MULTIPLE = 32
+CPP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CPP_MAX_ROWS = 1 << 62
 GEMV_CHOICES = ("auto", "numba", "int8pack")
+KERNEL_CHOICES = ("auto", "cpp", "numba")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +51,12 @@ class Knobs:
     gemv_max_threads: int = 2
     # 2..small_m_max_rows rows take the Numba mm4/mm2 kernels (one torch thread only). NORMSWAP_INT8_SMALL_M_MAX_ROWS
     small_m_max_rows: int = 8
+    # auto: the compiled kernel where it built, up to cpp_max_rows rows; cpp: at any row count; numba: never (the
+    # kernels below only). NORMSWAP_INT8_KERNEL
+    kernel: str = "auto"
+    # Rows up to which "auto" takes the compiled kernel (default: any; it beats the block GEMM at prefill too). A
+    # CPU where oneDNN/MKL wins large prefills can hand them to the block GEMM. NORMSWAP_INT8_CPP_MAX_ROWS
+    cpp_max_rows: int = CPP_MAX_ROWS
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,11 +66,22 @@ def knobs() -> Knobs:
     gemv = env.get("NORMSWAP_INT8_GEMV", "auto")
     if gemv not in GEMV_CHOICES:
         raise ValueError(f"NORMSWAP_INT8_GEMV={gemv!r}; allowed values: {', '.join(GEMV_CHOICES)}")
+    kernel = env.get("NORMSWAP_INT8_KERNEL", "auto")
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"NORMSWAP_INT8_KERNEL={kernel!r}; allowed values: {', '.join(KERNEL_CHOICES)}")
     return Knobs(decode_max_rows=int(env.get("NORMSWAP_INT8_DECODE_MAX_ROWS",
                                              "16" if native_bf16() else "64")),
                  gemv=gemv,
                  gemv_max_threads=int(env.get("NORMSWAP_INT8_GEMV_MAX_THREADS", "2")),
-                 small_m_max_rows=int(env.get("NORMSWAP_INT8_SMALL_M_MAX_ROWS", "8")))
+                 small_m_max_rows=int(env.get("NORMSWAP_INT8_SMALL_M_MAX_ROWS", "8")),
+                 kernel=kernel,
+                 cpp_max_rows=int(env.get("NORMSWAP_INT8_CPP_MAX_ROWS", str(CPP_MAX_ROWS))))
+
+
+def use_cpp(x2: torch.Tensor, k: Knobs) -> bool:
+    if k.kernel == "numba" or (k.kernel == "auto" and x2.shape[0] > k.cpp_max_rows):
+        return False
+    return x2.dtype in CPP_DTYPES and cpp_kernel.loaded() is not None
 
 
 def use_gemv(x2: torch.Tensor, scale: torch.Tensor, k: Knobs) -> bool:
@@ -74,8 +99,11 @@ def use_small_m(x2: torch.Tensor, scale: torch.Tensor, k: Knobs) -> bool:
 
 
 def choose(x2: torch.Tensor, scale: torch.Tensor, k: Knobs | None = None) -> str:
-    """The kernel for x2 [M, K] and scale [N, 1] or [N, K/G]: "gemv", "small_m", "int8pack" or "dequant_block"."""
+    """The kernel for x2 [M, K] and scale [N, 1] or [N, K/G]: "cpp", "gemv", "small_m", "int8pack" or
+    "dequant_block"."""
     k = k or knobs()
+    if use_cpp(x2, k):
+        return "cpp"
     if use_gemv(x2, scale, k):
         return "gemv"
     if use_small_m(x2, scale, k):
@@ -85,7 +113,8 @@ def choose(x2: torch.Tensor, scale: torch.Tensor, k: Knobs | None = None) -> str
     return "dequant_block"
 
 
-KERNELS = {"gemv": gemv_int8, "small_m": small_m_int8, "int8pack": int8pack_mm, "dequant_block": dequant_block_mm}
+KERNELS = {"cpp": cpp_int8_mm, "gemv": gemv_int8, "small_m": small_m_int8, "int8pack": int8pack_mm,
+           "dequant_block": dequant_block_mm}
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

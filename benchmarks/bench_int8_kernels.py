@@ -1,0 +1,130 @@
+"""CPU int8 matmul kernels standalone on a 1.0B Llama's linear shapes; prints one JSON object.
+
+    python benchmarks/bench_int8_kernels.py [--ms 1,2,4,8,16,32,512] [--threads 1,2] [--shapes qkv,o,gate_up,down]
+                                            [--seconds 0.15]
+
+For each weight shape, row count M and torch thread count: the median ms of
+- cpp: the compiled kernel (quant/csrc/int8_mm.cpp, the ISA path the dispatch uses);
+- old: the kernel the dispatch picks without it (NORMSWAP_INT8_KERNEL=numba: Numba GEMV / small-M, int8pack or
+  the block-dequantize GEMM), named in old_kernel;
+- bf16: vLLM's own CPU bf16 linear (dispatch_cpu_unquantized_gemm, as vLLM's UnquantizedLinearMethod sets it up
+  and as benchmarks/bench_int8.py times it);
+and the ratios bf16/cpp and old/cpp (above 1: cpp is faster). Every call cycles through copies of the weight
+that together exceed the L3 cache (as in the engine, where each layer's weight comes from memory); warm-up calls
+are not timed. Shapes: hidden 2048, ffn 5632, full multi-head attention (bench_int8.py's default model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import time
+
+import torch
+
+SHAPES = {"qkv": (3 * 2048, 2048), "o": (2048, 2048), "gate_up": (2 * 5632, 2048), "down": (2048, 5632)}
+CYCLE_BYTES = 128 << 20  # weights cycled per kernel: well above the L3 of the CPUs we run on (<= ~100 MiB)
+
+
+def cpu_info() -> dict:
+    """lscpu's model name and the flags that decide the kernels (bf16 dot products, VNNI, AVX2, AMX)."""
+    info = {"model_name": None, "flags": []}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return info
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Model name":
+            info["model_name"] = value.strip()
+        elif key.strip() == "Flags":
+            flags = set(value.split())
+            info["flags"] = sorted(f for f in flags
+                                   if f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                                            "avx_vnni") or f.startswith("amx"))
+    return info
+
+
+def vllm_bf16_linear(n: int, k: int):
+    """vLLM's CPU bf16 linear for one [n, k] weight, set up the way its UnquantizedLinearMethod does."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(n, k).to(torch.bfloat16) * 0.02, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return lambda x: layer.cpu_linear(x, layer.weight, None)
+
+
+def median_ms(fns: list, seconds: float) -> float:
+    """Median over repeats of one call (cycling through fns); warm-up first, repeat count from its time (calls
+    long enough to be compute-bound, > 20 ms, warm up on one weight copy only)."""
+    fns[0]()
+    t = time.perf_counter()
+    fns[0]()
+    one = time.perf_counter() - t
+    if one < 0.02:
+        for fn in fns[1:]:
+            fn()
+    reps = max(3, min(60, int(seconds / max(one, 1e-6))))
+    times = []
+    for i in range(reps):
+        fn = fns[i % len(fns)]
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", default="1,2,4,8,16,32,512")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--granularity", default="channel", choices=("channel", "group"))
+    ap.add_argument("--seconds", type=float, default=0.15, help="timed seconds per figure (at least 3 calls)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false")
+    ap.add_argument("--no-old", dest="old", action="store_false")
+    a = ap.parse_args()
+
+    from vllm_normswap.quant import cpp_kernel, cpu_dispatch
+    from vllm_normswap.quant.primitives import quantize
+
+    if cpp_kernel.loaded() is None:
+        raise SystemExit("the compiled kernel did not build: see the warning above")
+    isa = cpp_kernel.default_isa()
+    old_knobs = dataclasses.replace(cpu_dispatch.knobs(), kernel="numba")
+    rows = []
+    for name in a.shapes.split(","):
+        n, k = SHAPES[name]
+        copies = max(2, -(-CYCLE_BYTES // (n * k)))
+        weights = [quantize(torch.randn(n, k).to(torch.bfloat16) * 0.02, a.granularity, 128)
+                   for _ in range(copies)]
+        bf16 = [vllm_bf16_linear(n, k) for _ in range(max(2, -(-CYCLE_BYTES // (2 * n * k))))] if a.bf16 else []
+        for threads in (int(t) for t in a.threads.split(",")):
+            torch.set_num_threads(threads)
+            for m in (int(v) for v in a.ms.split(",")):
+                x = torch.randn(m, k).to(torch.bfloat16)
+                row = {"shape": name, "n": n, "k": k, "m": m, "threads": threads}
+                row["cpp_ms"] = median_ms([lambda q=q, s=s: cpp_kernel.int8_mm(x, q, s, isa) for q, s in weights],
+                                          a.seconds)
+                if a.old:
+                    old = cpu_dispatch.choose(x, weights[0][1], old_knobs)
+                    fn = cpu_dispatch.KERNELS[old]
+                    row["old_kernel"] = old
+                    row["old_ms"] = median_ms([lambda q=q, s=s: fn(x, q, s) for q, s in weights], a.seconds)
+                    row["old_over_cpp"] = row["old_ms"] / row["cpp_ms"]
+                if a.bf16:
+                    row["bf16_ms"] = median_ms([lambda f=f: f(x) for f in bf16], a.seconds)
+                    row["bf16_over_cpp"] = row["bf16_ms"] / row["cpp_ms"]
+                rows.append(row)
+        del weights, bf16
+    print(json.dumps({"cpu": cpu_info(), "torch": torch.__version__, "isa": cpp_kernel.ISAS[isa],
+                      "granularity": a.granularity, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

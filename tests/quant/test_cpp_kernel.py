@@ -1,0 +1,243 @@
+"""The compiled CPU int8 kernel (quant/csrc/int8_mm.cpp) against float64 x @ dequantize(W)^T, on every ISA path
+this CPU runs (forced, so the AVX2 and plain C++ paths are tested on an AVX-512 machine too), and its place in
+the dispatch. No vLLM engine.
+
+Tolerance, per output element (float64 reference y = x @ W_hat^T, W_hat = q * scale exactly as dequantize gives):
+- int16 activations: each x is off by at most half a step, amax(block) / 65534, so the dot product by at most
+  sum_k amax(block of k) / 65534 * |W_hat[n, k]|;
+- fp32 arithmetic (integer block sums are exact; their fp32 conversion, the per-block scaling and accumulation,
+  the lane reduction): relative 2^-24 per operation over at most a few dozen blocks, bounded by 1e-5 * sum |x W|;
+- the output rounding: half an ulp of the output dtype, bounded by 2^-8 |y| (bf16), 2^-11 |y| (fp16), 2^-23 |y|
+  (fp32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from vllm_normswap.quant import cpp_kernel, cpu_dispatch, cpu_op
+from vllm_normswap.quant.primitives import dequantize, quantize
+
+ext = cpp_kernel.loaded()
+pytestmark = pytest.mark.skipif(ext is None, reason="the compiled kernel did not build (no C++ compiler?)")
+ISAS = cpp_kernel.available_isas()
+OUT_REL = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -23}
+BLOCK = 256  # the kernel's per-channel activation block (cpp_kernel.int8_mm's default)
+
+
+def bound(x: torch.Tensor, w_hat: torch.Tensor, block: int, want: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The per-element error bound of the module docstring."""
+    xd = x.double().abs()
+    xm = torch.empty_like(xd)
+    for k0 in range(0, x.shape[1], block):
+        xm[:, k0:k0 + block] = xd[:, k0:k0 + block].amax(dim=1, keepdim=True)
+    aw = w_hat.abs().t()
+    return (xm / 65534) @ aw + 1e-5 * (xd @ aw) + OUT_REL[dtype] * want.abs() + 1e-30
+
+
+def check(x, q, scale, isa, block=BLOCK):
+    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index(isa), block)
+    w_hat = dequantize(q, scale.expand(q.shape[0], scale.shape[1]), torch.float64)
+    want = x.double() @ w_hat.t()
+    assert got.dtype == x.dtype and got.shape == want.shape
+    gs = q.shape[1] // scale.shape[1]
+    err = (got.double() - want).abs()
+    lim = bound(x, w_hat, gs if scale.shape[1] > 1 else block, want, x.dtype)
+    assert bool((err <= lim).all()), (isa, tuple(x.shape), tuple(q.shape), float((err / lim).max()))
+    return got
+
+
+def weights(n, k, granularity, seed, group=None):
+    g = torch.Generator().manual_seed(seed)
+    return quantize((torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16), granularity, group)
+
+
+SHAPES = [(m, n, k) for m, (n, k) in zip((1, 2, 3, 5, 7, 8, 9, 17, 33, 64, 130),
+                                          itertools.cycle([(257, 40), (3, 136), (1, 520), (257, 2050), (17, 136)]))]
+SHAPES += [(1, 3, 40), (130, 1, 8), (9, 257, 520), (4, 16, 2050), (33, 3, 2050)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_per_channel_odd_shapes(isa, dtype):
+    for i, (m, n, k) in enumerate(SHAPES):
+        q, scale = weights(n, k, "channel", i)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + i)).to(dtype)
+        check(x, q, scale, isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group", [8, 32, 128])
+def test_per_group(isa, group):
+    for i, (m, n, k) in enumerate([(1, 257, 520), (3, 17, 1024), (9, 3, 2048), (33, 64, 136 * 8)]):
+        if k % group:
+            continue
+        q, scale = weights(n, k, "group", i, group)
+        assert scale.shape == (n, k // group)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+        check(x, q, scale, isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_per_tensor_scale_shared_and_expanded(isa):
+    q, scale = weights(257, 520, "tensor", 1)
+    assert scale.shape == (1, 1)
+    x = torch.randn(5, 520).to(torch.bfloat16)
+    shared = check(x, q, scale, isa)
+    assert torch.equal(shared, check(x, q, scale.expand(257, 1).contiguous(), isa))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_zero_and_outlier_rows(isa):
+    """A zero row gives exact zeros; a row with one huge activation keeps the small ones' precision in the other
+    blocks (the bound is per block); a non-finite activation gives NaN, not garbage."""
+    q, scale = weights(64, 1024, "channel", 7)
+    x = torch.randn(6, 1024).to(torch.bfloat16)
+    x[0] = 0
+    x[1, 3] = 3e4
+    x[2, 700] = -1e5
+    x[3, :256] = 1e-30  # subnormal-scale values in a block of their own
+    got = check(x, q, scale, isa)
+    assert bool((got[0] == 0).all())
+    x[4, 5] = float("inf")
+    x[5, 5] = float("nan")
+    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index(isa))
+    assert bool(got[4:].isnan().all()) and bool(got[:4].isfinite().all())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fp16_activations_and_scales(isa):
+    q, scale = weights(33, 520, "channel", 3)
+    x = torch.randn(7, 520).to(torch.float16)
+    check(x, q, scale.to(torch.float16), isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bitwise_identical_across_thread_counts(isa):
+    """The work split (over N, and over M where N is small) never changes an output's arithmetic."""
+    before = torch.get_num_threads()
+    cases = [(m, n, k, gran) for (m, n, k) in [(1, 1030, 2050), (3, 257, 520), (8, 520, 1024), (130, 3, 256),
+                                                (64, 1100, 512)] for gran in ("channel", "group")]
+    try:
+        for i, (m, n, k, gran) in enumerate(cases):
+            q, scale = weights(n, k, gran, i, 128 if k % 128 == 0 else 2)
+            x = torch.randn(m, k).to(torch.bfloat16)
+            outs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                outs.append(ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index(isa)))
+            assert torch.equal(outs[0], outs[1]), (isa, m, n, k, gran)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_vnni_and_plain_avx512_agree_bitwise():
+    """Integer block sums are exact, so vpdpwssd and vpmaddwd + vpaddd give the same bits."""
+    if "avx512vnni" not in ISAS:
+        pytest.skip("no AVX512-VNNI here")
+    for gran in ("channel", "group"):
+        q, scale = weights(257, 2050 if gran == "channel" else 2048, gran, 5, 128)
+        x = torch.randn(9, q.shape[1]).to(torch.bfloat16)
+        assert torch.equal(ext.int8_mm(x, q, scale, 3), ext.int8_mm(x, q, scale, 2))
+
+
+def test_default_isa_is_the_best_and_env_forces_lower(monkeypatch):
+    try:
+        monkeypatch.delenv("NORMSWAP_INT8_ISA", raising=False)
+        cpp_kernel.default_isa.cache_clear()
+        if torch.backends.cpu.get_cpu_capability() == "AVX512":
+            assert cpp_kernel.default_isa() == ext.best_isa()
+        monkeypatch.setenv("NORMSWAP_INT8_ISA", "scalar")
+        cpp_kernel.default_isa.cache_clear()
+        assert cpp_kernel.default_isa() == 0
+        monkeypatch.setenv("NORMSWAP_INT8_ISA", "sse9")
+        cpp_kernel.default_isa.cache_clear()
+        with pytest.raises(ValueError, match="scalar, avx2, avx512bw, avx512vnni"):
+            cpp_kernel.default_isa()
+    finally:
+        monkeypatch.undo()
+        cpp_kernel.default_isa.cache_clear()
+
+
+def test_bad_shapes_are_refused_by_name():
+    q, scale = weights(8, 64, "channel", 0)
+    with pytest.raises(RuntimeError, match="columns"):
+        ext.int8_mm(torch.randn(2, 32).to(torch.bfloat16), q, scale, 0)
+    with pytest.raises(RuntimeError, match="scale shape"):
+        ext.int8_mm(torch.randn(2, 64).to(torch.bfloat16), q, torch.ones(8, 3), 0)
+    assert ext.int8_mm(torch.randn(0, 64).to(torch.bfloat16), q, scale).shape == (0, 8)
+
+
+# ---- the dispatch --------------------------------------------------------------------------------------------
+
+def test_dispatch_takes_cpp_where_it_loaded(monkeypatch):
+    q, scale = quantize(torch.randn(64, 128).to(torch.bfloat16), "channel")
+    k = dataclasses.replace(cpu_dispatch.knobs(), kernel="auto")
+    for rows, dtype in ((1, torch.bfloat16), (4, torch.bfloat16), (512, torch.bfloat16), (3, torch.float32)):
+        x = torch.randn(rows, 128).to(dtype)
+        assert cpu_dispatch.choose(x, scale, k) == "cpp"
+    one = torch.randn(1, 128).to(torch.bfloat16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert cpu_dispatch.choose(one, scale, dataclasses.replace(k, kernel="numba")) == "gemv"  # the old choice
+    assert cpu_dispatch.choose(torch.randn(9, 128).to(torch.bfloat16), scale,
+                               dataclasses.replace(k, cpp_max_rows=8)) != "cpp"
+    monkeypatch.setattr(cpp_kernel, "loaded", lambda: None)  # no compiler: the Numba/torch kernels
+    assert cpu_dispatch.choose(one, scale, k) == "gemv"
+
+
+def test_op_runs_the_compiled_kernel(monkeypatch):
+    """Through torch.ops.normswap.int8_linear (bias, 3-D input) with the "cpp" choice, against float64."""
+    calls = []
+    real = cpu_dispatch.KERNELS["cpp"]
+    monkeypatch.setitem(cpu_dispatch.KERNELS, "cpp", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_dispatch, "knobs", lambda: cpu_dispatch.Knobs(decode_max_rows=16, kernel="cpp"))
+    q, scale = weights(96, 520, "group", 2, 8)
+    x = torch.randn(2, 3, 520).to(torch.bfloat16)
+    bias = torch.randn(96).to(torch.bfloat16)
+    got = cpu_op.apply_int8_linear(x, q, scale, bias)
+    want = x.double() @ dequantize(q, scale, torch.float64).t() + bias.double()
+    assert calls and got.shape == (2, 3, 96)
+    assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
+
+
+def test_kernel_knob_from_the_environment(monkeypatch):
+    monkeypatch.setenv("NORMSWAP_INT8_KERNEL", "numba")
+    cpu_dispatch.knobs.cache_clear()
+    try:
+        assert cpu_dispatch.knobs().kernel == "numba"
+        monkeypatch.setenv("NORMSWAP_INT8_KERNEL", "fast")
+        cpu_dispatch.knobs.cache_clear()
+        with pytest.raises(ValueError, match="auto, cpp, numba"):
+            cpu_dispatch.knobs()
+    finally:
+        monkeypatch.undo()
+        cpu_dispatch.knobs.cache_clear()
+
+
+def test_failed_build_warns_once_with_the_fix(monkeypatch):
+    import vllm_normswap.logs as logs
+
+    seen = []
+
+    class Log:
+        def warning(self, msg, *args):
+            seen.append(msg % args)
+
+    monkeypatch.setattr(logs, "plugin_logger", lambda name: Log())
+
+    def no_compiler(verbose=False):
+        raise RuntimeError("Error checking compiler version for c++: [Errno 2] No such file or directory: 'c++'")
+
+    monkeypatch.setattr(cpp_kernel, "_load", no_compiler)
+    cpp_kernel.loaded.cache_clear()
+    try:
+        assert cpp_kernel.loaded() is None and cpp_kernel.loaded() is None
+        assert len(seen) == 1 and "apt-get install g++" in seen[0] and "No such file" in seen[0]
+    finally:
+        monkeypatch.undo()
+        cpp_kernel.loaded.cache_clear()
+        assert cpp_kernel.loaded() is not None

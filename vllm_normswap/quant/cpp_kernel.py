@@ -1,0 +1,125 @@
+"""The compiled CPU int8 matmul (csrc/int8_mm.cpp): built with torch's C++ extension loader on first use, cached
+outside the source tree, loaded in later processes without rebuilding.
+
+    python -m vllm_normswap.quant.cpp_kernel     # build (or load) it and print the ISA path this CPU runs
+
+The cache directory is $NORMSWAP_EXT_DIR, else ~/.cache/vllm_normswap/torch_extensions/<torch>-<python>: the
+.so is tied to the torch and Python it was built against, so each pair gets its own. Building needs a C++
+compiler and ninja; without them ``loaded()`` logs one warning and returns None, and the dispatch
+(cpu_dispatch.py) keeps to the Numba and torch kernels.
+
+The ISA path: the best one the CPU and torch both allow (torch's capability honours ATEN_CPU_CAPABILITY, so a
+user who caps torch at AVX2 caps this kernel too); NORMSWAP_INT8_ISA=scalar|avx2|avx512bw|avx512vnni forces a
+lower one (tests, experiments).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+NAME = "normswap_int8_mm"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_mm.cpp"
+ISAS = ("scalar", "avx2", "avx512bw", "avx512vnni")  # the extension's ISA codes 0..3
+# torch.backends.cpu.get_cpu_capability() -> the highest of our paths it allows
+_TORCH_CAP = {"DEFAULT": 0, "NO AVX": 0, "AVX2": 1, "AVX512": 3, "ZVECTOR": 0, "VSX": 0}
+FIX = "install g++ (apt-get install g++) and ninja, then run scripts/install.sh"
+
+
+def build_dir() -> Path:
+    env = os.environ.get("NORMSWAP_EXT_DIR")
+    if env:
+        return Path(env)
+    tag = f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    return Path.home() / ".cache" / "vllm_normswap" / "torch_extensions" / tag
+
+
+def _load(verbose: bool = False):
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (torch's extension builder needs it)")
+    d = build_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    # -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h) and needs it to run in parallel at all; the
+    # .so then needs libgomp.so.1, which resolves to the copy torch has loaded already (one thread pool).
+    return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(d), verbose=verbose,
+                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+
+@functools.lru_cache(maxsize=None)
+def loaded():
+    """The extension module, or None (with one warning naming the problem and the fix) where it cannot build."""
+    try:
+        return _load()
+    except Exception as err:  # no compiler, no ninja, a compile error: the Numba/torch kernels remain
+        from vllm_normswap.logs import plugin_logger
+
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+        plugin_logger(__name__).warning(
+            "normswap_int8: the compiled CPU int8 kernel is unavailable (%s: %s); falling back to the slower "
+            "Numba/torch kernels. To fix: %s (it builds into %s).", type(err).__name__, first, FIX, build_dir())
+        return None
+
+
+def isa_code(name: str) -> int:
+    if name not in ISAS:
+        raise ValueError(f"NORMSWAP_INT8_ISA={name!r}; allowed values: {', '.join(ISAS)}")
+    return ISAS.index(name)
+
+
+@functools.lru_cache(maxsize=None)
+def default_isa() -> int:
+    """The ISA path: NORMSWAP_INT8_ISA where set (it must be one this CPU runs), else the best the CPU and torch's
+    capability both allow. Read once (``default_isa.cache_clear()`` re-reads)."""
+    ext = loaded()
+    best = ext.best_isa() if ext is not None else 0
+    forced = os.environ.get("NORMSWAP_INT8_ISA")
+    if forced:
+        code = isa_code(forced)
+        if code > best:
+            raise ValueError(f"NORMSWAP_INT8_ISA={forced}: this CPU's best path is {ISAS[best]}")
+        return code
+    cap = _TORCH_CAP.get(torch.backends.cpu.get_cpu_capability(), best)
+    return min(best, cap)
+
+
+def int8_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: int | None = None,
+            block: int = 256) -> torch.Tensor:
+    """x2 [M, K] (bf16/fp16/fp32) @ int8 weight [N, K] with scale [N, 1], [N, K/G] or [1, G] -> [M, N] in x2's
+    dtype. ``isa``: an ISAS index (default ``default_isa()``); ``block``: the activation quantization block along
+    K for per-channel scales (per group: the group size)."""
+    return loaded().int8_mm(x2, weight, scale, default_isa() if isa is None else isa, block)
+
+
+def available_isas() -> tuple[str, ...]:
+    """The paths this CPU runs (every one up to the best), for the tests."""
+    ext = loaded()
+    return () if ext is None else ISAS[:ext.best_isa() + 1]
+
+
+def build() -> int:
+    t = time.perf_counter()
+    try:
+        ext = _load(verbose="-v" in sys.argv)
+    except Exception as err:
+        print(f"build failed: {err}\nfix: {FIX}", file=sys.stderr)
+        return 1
+    print(f"{NAME}: loaded in {time.perf_counter() - t:.1f} s from {build_dir()}")
+    print(f"ISA path: {ISAS[default_isa()]} (CPU best: {ISAS[ext.best_isa()]}, torch capability: "
+          f"{torch.backends.cpu.get_cpu_capability()}); threads: {torch.get_num_threads()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(build())

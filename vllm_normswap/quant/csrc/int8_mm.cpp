@@ -1,0 +1,480 @@
+// CPU int8 weight-only matmul: y[M, N] = x[M, K] @ (q[N, K] * scale)^T, with integer dot products.
+//
+// The activations are quantized per (row, block of K) to int16 (symmetric, sx = max|x| / 32767, xq = round(x /
+// sx)): the error per element is at most blockmax / 65534, below bf16's own rounding of x for typical rows. The
+// int8 weight is widened to int16 in registers and multiplied pairwise into int32 lanes (AVX512-VNNI vpdpwssd,
+// else vpmaddwd + vpaddd); integer sums are exact, so every ISA path with the same lane count gives bitwise the
+// same result. At the end of each block the int32 lanes are converted to fp32 and accumulated lane by lane,
+// times sx (and, per group, the group's weight scale); the lanes are reduced once per output at the end, times
+// the row's weight scale. Blocks: the caller's length per channel (256 by default: at 128 the per-block
+// conversion and scaling are a visible share of the work), the group size per group (a divisor of it when above
+// 256). Overflow: a lane sums at most 256 / 16 products of at most 32767 * 127 (4.2e6); an int32 holds 512.
+//
+// Register tiles: MR activation rows x NR weight rows of accumulators, so each widened weight vector feeds MR
+// rows and each activation vector NR weight rows. Up to 4 rows (decode) the kernel is bound by memory
+// bandwidth: there its tiles take weight rows an NR-th of the thread's range apart, so that the hardware
+// prefetcher runs NR streams at once (one core reads more from several streams than from one).
+//
+// Threads: the work is split over output rows (N) with at::parallel_for, so it runs on exactly the torch
+// intra-op threads (torch.get_num_threads(), what vLLM gives the worker). N is cut into chunks of at most
+// ceil(N / threads) rows (capped so that a chunk of weights stays in L2 while several activation tiles pass
+// over it); at::parallel_for hands each thread one contiguous range of chunks. At 16 threads a [2048 x 2048]
+// layer gives each thread 128 rows; at 64 threads 32 rows. Where N alone has fewer chunks than threads (a small
+// N with many rows M), the rows M are split too. Which thread computes an output never changes its arithmetic,
+// so the result is bitwise the same for any thread count.
+//
+// ISA: each path is compiled for its own target (GCC target pragmas) and picked at run time (best_isa(), or
+// forced by the caller), so one .so runs on AVX2-only, AVX-512 and AVX-512 VNNI CPUs; a plain C++ path covers
+// the rest. No -march=native: the build machine need not be the one that runs it.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512BW = 2, ISA_AVX512VNNI = 3 };
+const char* const ISA_NAMES[] = {"scalar", "avx2", "avx512bw", "avx512vnni"};
+
+constexpr int64_t KB_MAX = 256;  // activation block length bound (int32 lanes; see the overflow note above)
+constexpr int64_t XPAD = 32;     // each block of xq is zero-padded to a multiple of this (a full zmm of int16)
+
+enum OutKind : int { OUT_F32 = 0, OUT_BF16 = 1, OUT_F16 = 2 };
+
+struct Problem {
+  int64_t M, N, K;
+  int64_t KB;    // activation block length (divides the weight group size when per group)
+  int64_t nb;    // blocks per row: ceil(K / KB)
+  int64_t KBP;   // stride of a block in xq: KB rounded up to XPAD
+  int64_t xs;    // stride of a row in xq: nb * KBP
+  int64_t G;     // scale columns: 1 = per channel (or per tensor)
+  int64_t gs;    // group size K / G
+  int64_t s_rs;  // scale row stride (0 for one [1, G] scale shared by every row)
+  const int16_t* xq;   // [M][nb][KBP]
+  const float* sx;     // [M][nb]
+  const int8_t* w;     // [N][K]
+  const float* sw;     // [N or 1][G]
+  void* out;           // [M][N]
+  int out_kind;
+};
+
+inline void store_out(const Problem& p, int64_t m, int64_t n, float v) {
+  const int64_t i = m * p.N + n;
+  switch (p.out_kind) {
+    case OUT_BF16: static_cast<c10::BFloat16*>(p.out)[i] = c10::BFloat16(v); break;  // round to nearest even
+    case OUT_F16: static_cast<c10::Half*>(p.out)[i] = c10::Half(v); break;
+    default: static_cast<float*>(p.out)[i] = v;
+  }
+}
+
+// The combined scale of block b for (m, n): per channel only sx (the row scale comes at the end), per group
+// sx * the group's weight scale.
+inline float block_scale(const Problem& p, int64_t m, int64_t n, int64_t b) {
+  const float s = p.sx[m * p.nb + b];
+  if (p.G == 1) return s;
+  return s * p.sw[n * p.s_rs + (b * p.KB) / p.gs];
+}
+
+inline float final_scale(const Problem& p, int64_t n) { return p.G == 1 ? p.sw[n * p.s_rs] : 1.0f; }
+
+// ---- plain C++ -------------------------------------------------------------------------------------------------
+
+void tile_scalar(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float f = 0.0f;
+      for (int64_t b = 0; b < p.nb; ++b) {
+        const int64_t k0 = b * p.KB;
+        const int64_t len = std::min(p.KB, p.K - k0);
+        const int16_t* xb = p.xq + m * p.xs + b * p.KBP;
+        const int8_t* wb = p.w + n * p.K + k0;
+        int32_t acc = 0;
+        for (int64_t k = 0; k < len; ++k) acc += int32_t(xb[k]) * int32_t(wb[k]);
+        f += float(acc) * block_scale(p, m, n, b);
+      }
+      store_out(p, m, n, f * final_scale(p, n));
+    }
+  }
+}
+
+// ---- AVX2 ------------------------------------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Weight rows n0, n0 + rs, ..., n0 + (NR - 1) rs (as tile_512).
+template <int MR, int NR, bool GROUPED>
+void tile_avx2(const Problem& p, int64_t m0, int64_t n0, int64_t rs = 1) {
+  const int64_t wstride = rs * p.K;
+  __m256 facc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) facc[i][j] = _mm256_setzero_ps();
+  const int8_t* wrow = p.w + n0 * p.K;
+  const int16_t* xrow = p.xq + m0 * p.xs;
+  const float* sxrow = p.sx + m0 * p.nb;
+  for (int64_t b = 0; b < p.nb; ++b) {
+    const int64_t k0 = b * p.KB;
+    const int64_t len = std::min(p.KB, p.K - k0);
+    const int16_t* xb = xrow + b * p.KBP;
+    const int8_t* wb = wrow + k0;
+    __m256i acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 16 <= len; k += 16) {
+      __m256i wv[NR];
+      for (int j = 0; j < NR; ++j)
+        wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + j * wstride + k)));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + i * p.xs + k));
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(xv, wv[j]));
+      }
+    }
+    if (k < len) {  // block tail: the weight bytes through a zeroed buffer; xq is zero-padded already
+      __m256i wv[NR];
+      for (int j = 0; j < NR; ++j) {
+        alignas(16) int8_t buf[16] = {0};
+        std::memcpy(buf, wb + j * wstride + k, size_t(len - k));
+        wv[j] = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+      }
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + i * p.xs + k));
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(xv, wv[j]));
+      }
+    }
+    if constexpr (GROUPED) {
+      const int64_t g = k0 / p.gs;
+      for (int j = 0; j < NR; ++j) {
+        const __m256 swj = _mm256_set1_ps(p.sw[(n0 + j * rs) * p.s_rs + g]);
+        for (int i = 0; i < MR; ++i)
+          facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][j]),
+                                       _mm256_mul_ps(_mm256_set1_ps(sxrow[i * p.nb + b]), swj), facc[i][j]);
+      }
+    } else {
+      for (int i = 0; i < MR; ++i) {
+        const __m256 s = _mm256_set1_ps(sxrow[i * p.nb + b]);
+        for (int j = 0; j < NR; ++j) facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][j]), s, facc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      store_out(p, m0 + i, n0 + j * rs, hsum256(facc[i][j]) * (GROUPED ? 1.0f : p.sw[(n0 + j * rs) * p.s_rs]));
+}
+
+template <int MR, bool GROUPED>
+void rows_avx2(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int NR = MR == 1 ? 4 : 2;
+  int64_t n = n0;
+  if (p.M <= 3) {  // one row tile reads each weight once: NR streams an NR-th of the range apart (prefetcher)
+    const int64_t q = (n1 - n0) / NR;
+    for (; n < n0 + q; ++n) tile_avx2<MR, NR, GROUPED>(p, m0, n, q);
+    n = n0 + q * NR;
+  }
+  for (; n + NR <= n1; n += NR) tile_avx2<MR, NR, GROUPED>(p, m0, n);
+  for (; n < n1; ++n) tile_avx2<MR, 1, GROUPED>(p, m0, n);
+}
+
+template <bool GROUPED>
+void tile_range_avx2(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int64_t m = m0;
+  for (; m + 3 <= m1; m += 3) rows_avx2<3, GROUPED>(p, m, n0, n1);
+  if (m1 - m == 2) rows_avx2<2, GROUPED>(p, m, n0, n1);
+  else if (m1 - m == 1) rows_avx2<1, GROUPED>(p, m, n0, n1);
+}
+
+#pragma GCC pop_options
+
+// ---- AVX-512 (BW; VNNI when the template says so) --------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")
+
+// vpdpwssd through asm: with the intrinsic GCC copies every accumulator of the tile each iteration (the
+// instruction overwrites its first operand) and spills some; "+v" keeps each one in place in its register.
+template <bool VNNI>
+inline void dot16(__m512i& acc, __m512i x, __m512i w) {
+  if constexpr (VNNI) asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  else acc = _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
+}
+
+// Weight rows n0, n0 + rs, ..., n0 + (NR - 1) rs.
+template <int MR, int NR, bool VNNI, bool GROUPED>
+void tile_512(const Problem& p, int64_t m0, int64_t n0, int64_t rs = 1) {
+  const int64_t wstride = rs * p.K;
+  __m512 facc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) facc[i][j] = _mm512_setzero_ps();
+  const int8_t* wrow = p.w + n0 * p.K;
+  const int16_t* xrow = p.xq + m0 * p.xs;
+  const float* sxrow = p.sx + m0 * p.nb;
+  for (int64_t b = 0; b < p.nb; ++b) {
+    const int64_t k0 = b * p.KB;
+    const int64_t len = std::min(p.KB, p.K - k0);
+    const int16_t* xb = xrow + b * p.KBP;
+    const int8_t* wb = wrow + k0;
+    __m512i acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 32 <= len; k += 32) {
+      __m512i wv[NR];
+      for (int j = 0; j < NR; ++j)
+        wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * wstride + k)));
+      for (int i = 0; i < MR; ++i) {
+        const __m512i xv = _mm512_loadu_si512(xb + i * p.xs + k);
+        for (int j = 0; j < NR; ++j) dot16<VNNI>(acc[i][j], xv, wv[j]);
+      }
+    }
+    if (k < len) {  // block tail: masked weight loads (masked-off bytes are not read); xq is zero-padded
+      const __mmask32 mask = __mmask32((uint64_t(1) << (len - k)) - 1);
+      __m512i wv[NR];
+      for (int j = 0; j < NR; ++j)
+        wv[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, wb + j * wstride + k));
+      for (int i = 0; i < MR; ++i) {
+        const __m512i xv = _mm512_loadu_si512(xb + i * p.xs + k);
+        for (int j = 0; j < NR; ++j) dot16<VNNI>(acc[i][j], xv, wv[j]);
+      }
+    }
+    if constexpr (GROUPED) {
+      const int64_t g = k0 / p.gs;
+      for (int j = 0; j < NR; ++j) {
+        const __m512 swj = _mm512_set1_ps(p.sw[(n0 + j * rs) * p.s_rs + g]);
+        for (int i = 0; i < MR; ++i)
+          facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]),
+                                       _mm512_mul_ps(_mm512_set1_ps(sxrow[i * p.nb + b]), swj), facc[i][j]);
+      }
+    } else {
+      for (int i = 0; i < MR; ++i) {
+        const __m512 s = _mm512_set1_ps(sxrow[i * p.nb + b]);
+        for (int j = 0; j < NR; ++j) facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]), s, facc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      store_out(p, m0 + i, n0 + j * rs,
+                _mm512_reduce_add_ps(facc[i][j]) * (GROUPED ? 1.0f : p.sw[(n0 + j * rs) * p.s_rs]));
+}
+
+template <int MR, bool VNNI, bool GROUPED>
+void rows_512(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  // 4 x 4 tiles: 16 int32 accumulators stay in registers through the k loop (4 x 3 measured slower)
+  constexpr int NR = MR == 1 ? 8 : (MR == 2 ? 6 : 4);
+  int64_t n = n0;
+  if (p.M <= 4) {  // one row tile reads each weight once: NR streams an NR-th of the range apart (prefetcher)
+    const int64_t q = (n1 - n0) / NR;
+    for (; n < n0 + q; ++n) tile_512<MR, NR, VNNI, GROUPED>(p, m0, n, q);
+    n = n0 + q * NR;
+  }
+  for (; n + NR <= n1; n += NR) tile_512<MR, NR, VNNI, GROUPED>(p, m0, n);
+  for (; n + 2 <= n1; n += 2) tile_512<MR, 2, VNNI, GROUPED>(p, m0, n);
+  if (n < n1) tile_512<MR, 1, VNNI, GROUPED>(p, m0, n);
+}
+
+template <bool VNNI, bool GROUPED>
+void tile_range_512(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) rows_512<4, VNNI, GROUPED>(p, m, n0, n1);
+  if (m1 - m == 3) rows_512<3, VNNI, GROUPED>(p, m, n0, n1);
+  else if (m1 - m == 2) rows_512<2, VNNI, GROUPED>(p, m, n0, n1);
+  else if (m1 - m == 1) rows_512<1, VNNI, GROUPED>(p, m, n0, n1);
+}
+
+#pragma GCC pop_options
+
+// ---- activations -----------------------------------------------------------------------------------------------
+
+inline float load_x(const void* x, int kind, int64_t i) {
+  if (kind == OUT_BF16) {
+    uint32_t bits = uint32_t(static_cast<const uint16_t*>(x)[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  return static_cast<const float*>(x)[i];
+}
+
+// xq[m][b][:] = round(x[m, block b] / sx[m, b]), zero-padded to KBP; a non-finite block gets sx = NaN, so that
+// its outputs are NaN (as a float matmul would make them), not garbage.
+void quantize_rows(const Problem& p, const void* x, int x_kind, int16_t* xq, float* sx, int64_t m0, int64_t m1) {
+  std::vector<float> buf(size_t(p.KB));
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t b = 0; b < p.nb; ++b) {
+      const int64_t k0 = b * p.KB;
+      const int64_t len = std::min(p.KB, p.K - k0);
+      float amax = 0.0f, poison = 0.0f;  // poison: NaN where any x is inf or NaN (max() skips NaN)
+      for (int64_t k = 0; k < len; ++k) {
+        buf[k] = load_x(x, x_kind, m * p.K + k0 + k);
+        amax = std::max(amax, std::fabs(buf[k]));
+        poison += buf[k] * 0.0f;
+      }
+      int16_t* q = xq + m * p.xs + b * p.KBP;
+      if (poison != 0.0f || !std::isfinite(amax)) {
+        std::fill(q, q + p.KBP, int16_t(0));
+        sx[m * p.nb + b] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      for (int64_t k = 0; k < len; ++k) {
+        const int v = _mm_cvtss_si32(_mm_set_ss(buf[k] * inv));  // round half to even
+        q[k] = int16_t(std::min(32767, std::max(-32767, v)));
+      }
+      std::fill(q + len, q + p.KBP, int16_t(0));
+      sx[m * p.nb + b] = amax / 32767.0f;
+    }
+  }
+}
+
+// ---- dispatch --------------------------------------------------------------------------------------------------
+
+int best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+    return __builtin_cpu_supports("avx512vnni") ? ISA_AVX512VNNI : ISA_AVX512BW;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+  return ISA_SCALAR;
+}
+
+void run_range(const Problem& p, int isa, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  switch (isa) {
+    case ISA_AVX512VNNI:
+      if (p.G == 1) tile_range_512<true, false>(p, m0, m1, n0, n1);
+      else tile_range_512<true, true>(p, m0, m1, n0, n1);
+      break;
+    case ISA_AVX512BW:
+      if (p.G == 1) tile_range_512<false, false>(p, m0, m1, n0, n1);
+      else tile_range_512<false, true>(p, m0, m1, n0, n1);
+      break;
+    case ISA_AVX2:
+      if (p.G == 1) tile_range_avx2<false>(p, m0, m1, n0, n1);
+      else tile_range_avx2<true>(p, m0, m1, n0, n1);
+      break;
+    default: tile_scalar(p, m0, m1, n0, n1);
+  }
+}
+
+// The activation block: per group, the group size or (above KB_MAX) its largest divisor up to KB_MAX, so that
+// no block straddles two groups; per channel, `block` (a tail block covers the rest of K).
+int64_t block_len(int64_t K, int64_t G, int64_t block) {
+  if (G == 1) return std::max<int64_t>(1, std::min(block, K));
+  const int64_t gs = K / G;
+  for (int64_t d = std::min(gs, std::min(block, KB_MAX)); d >= 1; --d)
+    if (gs % d == 0) return d;
+  return 1;
+}
+
+at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, int64_t block) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scale.dim() == 2, "int8_mm: x [M, K], w [N, K], scale [N, G]");
+  TORCH_CHECK(w.scalar_type() == at::kChar, "int8_mm: the weight must be int8");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "int8_mm: CPU tensors");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K, "int8_mm: x has ", K, " columns, the weight ", w.size(1));
+  const int64_t G = scale.size(1);
+  TORCH_CHECK((scale.size(0) == N || scale.size(0) == 1) && G >= 1 && K % G == 0,
+              "int8_mm: scale shape [", scale.size(0), ", ", G, "] does not fit the weight [", N, ", ", K, "]");
+  TORCH_CHECK(block >= 1 && block <= KB_MAX, "int8_mm: block must be in 1..", KB_MAX);
+  if (isa < 0) isa = best_isa();
+  TORCH_CHECK(isa <= best_isa(), "int8_mm: ISA path ", ISA_NAMES[std::min<int64_t>(isa, 3)],
+              " is not supported by this CPU (best: ", ISA_NAMES[best_isa()], ")");
+
+  const auto out_dtype = x.scalar_type();
+  int out_kind;
+  if (out_dtype == at::kBFloat16) out_kind = OUT_BF16;
+  else if (out_dtype == at::kHalf) out_kind = OUT_F16;
+  else if (out_dtype == at::kFloat) out_kind = OUT_F32;
+  else TORCH_CHECK(false, "int8_mm: activations must be bf16, fp16 or fp32, got ", out_dtype);
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+
+  // bf16 and fp32 are read as they are; fp16 through fp32
+  at::Tensor xc = out_dtype == at::kBFloat16 ? x.contiguous() : x.to(at::kFloat).contiguous();
+  const int x_kind = out_dtype == at::kBFloat16 ? OUT_BF16 : OUT_F32;
+  at::Tensor wc = w.contiguous();
+  at::Tensor sc = scale.to(at::kFloat).contiguous();
+
+  Problem p{};
+  p.M = M; p.N = N; p.K = K; p.G = G; p.gs = K / G;
+  p.KB = block_len(K, G, block);
+  p.nb = (K + p.KB - 1) / p.KB;
+  p.KBP = (p.KB + XPAD - 1) / XPAD * XPAD;
+  p.xs = p.nb * p.KBP;
+  p.s_rs = scale.size(0) == 1 ? 0 : G;
+  auto xq = at::empty({M, p.xs}, at::TensorOptions().dtype(at::kShort));
+  auto sx = at::empty({M, p.nb}, at::TensorOptions().dtype(at::kFloat));
+  p.xq = static_cast<const int16_t*>(xq.data_ptr());
+  p.sx = static_cast<const float*>(sx.data_ptr());
+  p.w = static_cast<const int8_t*>(wc.data_ptr());
+  p.sw = static_cast<const float*>(sc.data_ptr());
+  p.out = out.data_ptr();
+  p.out_kind = out_kind;
+
+  const void* xp = xc.data_ptr();
+  {
+    pybind11::gil_scoped_release no_gil;
+    const int64_t q_grain = std::max<int64_t>(1, 16384 / K);
+    at::parallel_for(0, M, q_grain, [&](int64_t m0, int64_t m1) {
+      quantize_rows(p, xp, x_kind, const_cast<int16_t*>(p.xq), const_cast<float*>(p.sx), m0, m1);
+    });
+
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    // chunk of output rows: a share of N per thread, at most ~256 KiB of weights (L2-resident while the row
+    // tiles of M pass over it), a multiple of 8 (the widest register tile)
+    // (with one row tile, M <= 4, nothing is reused: a plain share per thread)
+    int64_t nc = (N + threads - 1) / threads;
+    if (M > 4) nc = std::min<int64_t>(nc, std::max<int64_t>(8, (256 << 10) / K));
+    nc = std::max<int64_t>(8, (nc + 7) / 8 * 8);
+    const int64_t n_chunks = (N + nc - 1) / nc;
+    // N too small for the threads: split the rows M as well (in multiples of the 4-row tile)
+    int64_t m_chunks = 1;
+    if (n_chunks < threads && M > 4) m_chunks = std::min((threads + n_chunks - 1) / n_chunks, (M + 3) / 4);
+    const int64_t mc = ((M + m_chunks - 1) / m_chunks + 3) / 4 * 4;
+    m_chunks = (M + mc - 1) / mc;
+    const int64_t items = n_chunks * m_chunks;
+    // tiny problems run on the calling thread (a parallel region costs microseconds)
+    const int64_t grain = M * N * K < (int64_t(1) << 18) ? items : 1;
+    at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t ni = i / m_chunks, mi = i % m_chunks;
+        run_range(p, int(isa), mi * mc, std::min(M, (mi + 1) * mc), ni * nc, std::min(N, (ni + 1) * nc));
+      }
+    });
+  }
+  return out;
+}
+
+std::string isa_name(int64_t isa) {
+  TORCH_CHECK(isa >= 0 && isa <= 3, "isa_name: 0..3");
+  return ISA_NAMES[isa];
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "normswap CPU int8 weight-only matmul (int16 activations x int8 weights, integer dot products)";
+  m.def("int8_mm", &int8_mm, "y[M, N] = x[M, K] @ (w[N, K] * scale)^T; isa -1 = best this CPU supports",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scale"), pybind11::arg("isa") = -1,
+        pybind11::arg("block") = 256);
+  m.def("best_isa", &best_isa, "the best ISA path this CPU runs: 0 scalar, 1 avx2, 2 avx512bw, 3 avx512vnni");
+  m.def("isa_name", &isa_name);
+}
