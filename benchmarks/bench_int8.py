@@ -462,7 +462,8 @@ def run_peer(a, threads: list[int]) -> tuple[dict | None, str]:
         sys.stderr.write(proc.stderr[-3000:])
         return None, f"llama.cpp column left out: {' '.join(cmd[1:2])} failed (exit {proc.returncode})"
     out = json.loads(proc.stdout[proc.stdout.index("{"):])
-    return {int(t): r for t, r in out["by_threads"].items()}, f"llama.cpp {out.get('llama_cpp_version', '?')}"
+    return ({int(t): r for t, r in out["threads"].items()},
+            f"llama.cpp Q8_0 via llama-cpp-python {out['llama_cpp_python']} (every 2-D weight Q8_0, LM head included)")
 
 
 SWEEP_MEASURES = tuple(f"decode_tok_s_batch{b}" for b in SWEEP_BATCHES) + ("prefill_tok_s_512",)

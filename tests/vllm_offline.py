@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def run(spec: dict) -> dict:
@@ -37,10 +38,25 @@ def run(spec: dict) -> dict:
     return result
 
 
+def _int8(spec: dict) -> bool:
+    if spec.get("quantization") or "quantization_config" in (spec.get("hf_overrides") or {}):
+        return True
+    cfg = Path(spec["model"]) / "config.json"
+    return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
+
+
 def in_process(specs: list[dict]) -> bool:
-    # int8 imports Numba, and once llvmlite is loaded vLLM 0.32's CPU worker cannot start in this process
-    # (triton_utils/dispatcher.py calls vars(x).get on every module global; llvmlite's _lib_fn_wrapper breaks it)
-    return all(spec.get("tp", 1) == 1 and not spec.get("quantization") for spec in specs)
+    """Engines in this process unless a spec needs vLLM's worker processes: tensor parallelism does, and so does
+    any run that may load Numba. Once llvmlite is loaded, vLLM 0.32's CPU worker cannot start in the process
+    (triton_utils/dispatcher.py calls vars(x).get on every module global; llvmlite's _lib_fn_wrapper breaks it),
+    and int8 loads Numba only where the compiled kernel is unavailable."""
+    if any(spec.get("tp", 1) != 1 for spec in specs):
+        return False
+    if not any(_int8(spec) for spec in specs):
+        return True
+    from vllm_normswap.quant import cpp_kernel
+
+    return os.environ.get("NORMSWAP_INT8_KERNEL", "auto") != "numba" and cpp_kernel.loaded() is not None
 
 
 if __name__ == "__main__":

@@ -15,12 +15,19 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: vllm_offline
 
 
 if __name__ == "__main__":
     specs = json.loads(sys.argv[1])
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships save_int8_state to the workers
+    from vllm_offline import in_process
+
+    # engines in this process where possible: two fewer processes that import torch and vLLM per engine start
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process(specs) else "1")
     import torch
     from vllm import LLM, SamplingParams
 
