@@ -89,11 +89,12 @@ def gpu_read_bw(gib: int = 2, reps: int = 5) -> float:
 
 
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
-KIND_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+KIND_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def cpu_info() -> dict:
-    """The CPU model, core count and the flags that decide which kernels run (ours and vLLM's bf16 linear)."""
+    """The CPU model, core count and the flags that decide which kernels run (ours, vLLM's bf16 linear and
+    llama.cpp's); every benchmark here records it."""
     text = Path("/proc/cpuinfo").read_text()
     model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
     flags = set(next((ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith("flags")), "").split())

@@ -20,32 +20,14 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import time
 
 import torch
 
+import bench_int8  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
+
 SHAPES = {"qkv": (3 * 2048, 2048), "o": (2048, 2048), "gate_up": (2 * 5632, 2048), "down": (2048, 5632)}
 CYCLE_BYTES = 128 << 20  # weights cycled per kernel: well above the L3 of the CPUs we run on (<= ~100 MiB)
-
-
-def cpu_info() -> dict:
-    """lscpu's model name and the flags that decide the kernels (bf16 dot products, VNNI, AVX2, AMX)."""
-    info = {"model_name": None, "flags": []}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return info
-    for line in out.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "Model name":
-            info["model_name"] = value.strip()
-        elif key.strip() == "Flags":
-            flags = set(value.split())
-            info["flags"] = sorted(f for f in flags
-                                   if f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-                                            "avx_vnni") or f.startswith("amx"))
-    return info
 
 
 def vllm_bf16_linear(n: int, k: int):
@@ -121,7 +103,7 @@ def main() -> int:
                     row["bf16_over_cpp"] = row["bf16_ms"] / row["cpp_ms"]
                 rows.append(row)
         del weights, bf16
-    print(json.dumps({"cpu": cpu_info(), "torch": torch.__version__, "isa": cpp_kernel.ISAS[isa],
+    print(json.dumps({"cpu": bench_int8.cpu_info(), "torch": torch.__version__, "isa": cpp_kernel.ISAS[isa],
                       "granularity": a.granularity, "rows": rows}, indent=1))
     return 0
 

@@ -172,19 +172,7 @@ def ensure_gguf(s: dict, directory: Path = CACHE_DIR, seed: int = 0) -> tuple[Pa
 # ---------------- machine ----------------
 
 def cpu_info() -> dict:
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = val.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(val.split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(),
-            "flags": {k: k in flags for k in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16")}
-            | {"amx": any(x.startswith("amx") for x in flags)}}
+    return _bench_int8().cpu_info()
 
 
 # ---------------- llama.cpp timing ----------------
