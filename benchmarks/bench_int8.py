@@ -468,6 +468,9 @@ def run_peer(a, threads: list[int]) -> tuple[dict | None, str]:
 
 
 SWEEP_MEASURES = tuple(f"decode_tok_s_batch{b}" for b in SWEEP_BATCHES) + ("prefill_tok_s_512",)
+# int8 as served by default (LM head bf16), and with `lm_head: true`: llama.cpp's Q8_0 file quantizes its head too,
+# so that row is the like-for-like one against the peer
+SWEEP_INT8 = {"normswap_int8": "int8", "normswap_int8_lm_head": "int8 + int8 head"}
 
 
 def sweep(a) -> int:
@@ -483,8 +486,8 @@ def sweep(a) -> int:
         for t in threads:
             env = {"VLLM_CPU_OMP_THREADS_BIND": "0" if t == 1 else f"0-{t - 1}"}
             runs[t] = {}
-            for rnd in range(a.rounds):  # bf16 and int8 alternate; each figure is the best over the rounds
-                for mode in ("bf16", "normswap_int8"):
+            for rnd in range(a.rounds):  # the configurations alternate; each figure is the best over the rounds
+                for mode in ("bf16", *SWEEP_INT8):
                     cmd = [sys.executable, __file__, "--worker", mode, "--model", str(Path(tmp) / "model"),
                            "--decode-tokens", str(a.decode_tokens), "--prefill-reps", str(a.prefill_reps),
                            "--batches", ",".join(map(str, SWEEP_BATCHES))] + ([] if a.compiled else ["--eager"])
@@ -500,20 +503,24 @@ def sweep(a) -> int:
     peer, peer_note = run_peer(a, threads)
     table = []
     for t in threads:
-        b, q = runs[t]["bf16"], runs[t]["normswap_int8"]
+        b = runs[t]["bf16"]
         for m in SWEEP_MEASURES:
             row = {"threads": t, "measure": m.removeprefix("decode_tok_s_").replace("_tok_s_", " "),
-                   "bf16_tok_s": b[m], "int8_tok_s": q[m], "int8_over_bf16": q[m] / b[m]}
+                   "bf16_tok_s": b[m]}
             lc = (peer or {}).get(t, {}).get(m)
             if lc:
-                row |= {"llama_cpp_tok_s": lc, "int8_over_llama_cpp": q[m] / lc}
+                row["llama_cpp_tok_s"] = lc
+            for mode, label in SWEEP_INT8.items():
+                q = runs[t][mode][m]
+                row[label] = {"tok_s": q, "over_bf16": q / b[m]} | ({"over_llama_cpp": q / lc} if lc else {})
             table.append(row)
     goals = {"int8_over_bf16_min": 1.0, "int8_over_bf16_batch1_min": 1.8, "int8_over_llama_cpp_min": 1.0}
+    bf16_bytes = runs[threads[0]]["bf16"]["weight_bytes"]
     result = {"benchmark": "bench_int8.py --sweep", "cpu": info, "model": {"params": param_count(cfg), **cfg},
               "compiled": a.compiled, "rounds": a.rounds, "decode_tokens": a.decode_tokens, "peer": peer_note,
               "date": time.strftime("%Y-%m-%d"), "table": table, "goals": goals,
-              "int8_weight_ratio": runs[threads[0]]["normswap_int8"]["weight_bytes"]
-              / runs[threads[0]]["bf16"]["weight_bytes"]}
+              "weight_ratio": {label: runs[threads[0]][mode]["weight_bytes"] / bf16_bytes
+                               for mode, label in SWEEP_INT8.items()}}
     print(json.dumps(result, indent=2))
     if a.save:
         Path(a.save).write_text(json.dumps(readme_table(result), indent=2) + "\n")
@@ -525,25 +532,35 @@ def _tok_s(v: float) -> str:
 
 
 def readme_table(result: dict) -> dict:
-    """The sweep as a benchmarks/README.md result file: per thread count, bf16 tok/s and the two ratios."""
+    """The sweep as a benchmarks/README.md result file: per thread count, bf16 and llama.cpp tok/s, then each int8
+    configuration's ratios to them (its tok/s in brackets)."""
     cpu = result["cpu"]
     measures = list(dict.fromkeys(r["measure"] for r in result["table"]))
     rows = []
     for t in dict.fromkeys(r["threads"] for r in result["table"]):
         cells = {r["measure"]: r for r in result["table"] if r["threads"] == t}
+        peer = any("llama_cpp_tok_s" in c for c in cells.values())
         rows.append([f"{t} thr: bf16 tok/s"] + [_tok_s(cells[m]["bf16_tok_s"]) for m in measures])
-        rows.append([f"{t} thr: int8 / bf16"] + [f"{cells[m]['int8_over_bf16']:.2f}x ({_tok_s(cells[m]['int8_tok_s'])})"
-                                                 for m in measures])
-        if any("llama_cpp_tok_s" in c for c in cells.values()):
-            rows.append([f"{t} thr: int8 / llama.cpp Q8_0"] + [
-                f"{cells[m]['int8_over_llama_cpp']:.2f}x ({_tok_s(cells[m]['llama_cpp_tok_s'])})"
-                if "llama_cpp_tok_s" in cells[m] else "-" for m in measures])
+        if peer:
+            rows.append([f"{t} thr: llama.cpp Q8_0 tok/s"] + [_tok_s(cells[m]["llama_cpp_tok_s"])
+                                                              if "llama_cpp_tok_s" in cells[m] else "-"
+                                                              for m in measures])
+        for label in SWEEP_INT8.values():
+            rows.append([f"{t} thr: {label} / bf16"] + [
+                f"{cells[m][label]['over_bf16']:.2f}x ({_tok_s(cells[m][label]['tok_s'])})" for m in measures])
+            if peer:
+                rows.append([f"{t} thr: {label} / llama.cpp"] + [
+                    f"{cells[m][label]['over_llama_cpp']:.2f}x" if "over_llama_cpp" in cells[m][label] else "-"
+                    for m in measures])
+    ratios = ", ".join(f"{label} {r:.2f}x" for label, r in result["weight_ratio"].items())
     return {"title": f"int8 vs bf16 vs llama.cpp, every batch size, {cpu['kind']} ({result['date']})",
-            "benchmark": f"benchmarks/bench_int8.py --sweep (1.0B-parameter Llama shape, dummy weights, "
+            "benchmark": f"benchmarks/bench_int8.py --sweep ({result['model']['params'] / 1e9:.1f}B-parameter Llama "
+                         f"shape, dummy weights, "
                          f"{'compiled' if result['compiled'] else 'eager'}, best of {result['rounds']})",
             "machine": f"{cpu['cores']}-core {cpu['model']}, worker threads bound to cores 0..N-1",
             "cpu_flags": " ".join(cpu["flags"]),
-            "notes": f"{result['peer']}. Weights: int8 {result['int8_weight_ratio']:.2f}x bf16's bytes.",
+            "notes": f"decode tok/s at each batch size and prefill tok/s of one 512-token prompt. {result['peer']}. "
+                     f"Weight bytes against bf16's: {ratios}.",
             "columns": [""] + measures, "rows": rows}
 
 
