@@ -245,6 +245,17 @@ def profile_worker(model: str, mode: str, eager: bool, decode_tokens: int) -> di
 
 # ---------------- kernels timed standalone (same shapes, same kernels as inside vLLM) ----------------
 
+def vllm_bf16_linear(n: int, k: int):
+    """vLLM's own CPU bf16 linear for one random [n, k] weight, set up as its UnquantizedLinearMethod does."""
+    import torch
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(n, k).to(torch.bfloat16) * 0.02, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return lambda x: layer.cpu_linear(x, layer.weight, None)
+
+
 def kernel_ms(cfg: dict, quant: bool, int8_head: bool = False, reps: int = 20) -> dict:
     """Each kernel at M=1 on its own, cycling through copies of its weight that together exceed the L3 cache (in
     the engine every weight comes from memory: a single copy would sit in L3 and flatter the small layers)."""
@@ -261,14 +272,6 @@ def kernel_ms(cfg: dict, quant: bool, int8_head: bool = False, reps: int = 20) -
             fns[i % len(fns)]()
         return (time.perf_counter() - t) / reps * 1e3
 
-    def bf16_linear(n: int, k: int):
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-        layer = torch.nn.Module()
-        layer.weight = torch.nn.Parameter(torch.randn(n, k).to(torch.bfloat16) * 0.02, requires_grad=False)
-        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)  # vLLM's own CPU bf16 choice
-        return lambda x: layer.cpu_linear(x, layer.weight, None)
-
     def int8_linear(n: int, k: int):
         from vllm_normswap.quant.cpu_op import apply_int8_linear
         from vllm_normswap.quant.primitives import quantize
@@ -283,8 +286,8 @@ def kernel_ms(cfg: dict, quant: bool, int8_head: bool = False, reps: int = 20) -
 
     per_layer = {}
     for name, (n, k) in shapes.items():
-        per_layer[name] = timed(kernels(int8_linear, n, k, 1) if quant else kernels(bf16_linear, n, k, 2))
-    head = kernels(int8_linear, v, d, 1) if int8_head else kernels(bf16_linear, v, d, 2)
+        per_layer[name] = timed(kernels(int8_linear, n, k, 1) if quant else kernels(vllm_bf16_linear, n, k, 2))
+    head = kernels(int8_linear, v, d, 1) if int8_head else kernels(vllm_bf16_linear, v, d, 2)
     return {"linear_per_layer_ms": per_layer, "linears_ms": cfg["num_hidden_layers"] * sum(per_layer.values()),
             "lm_head_ms": timed(head)}
 

@@ -30,16 +30,6 @@ SHAPES = {"qkv": (3 * 2048, 2048), "o": (2048, 2048), "gate_up": (2 * 5632, 2048
 CYCLE_BYTES = 128 << 20  # weights cycled per kernel: well above the L3 of the CPUs we run on (<= ~100 MiB)
 
 
-def vllm_bf16_linear(n: int, k: int):
-    """vLLM's CPU bf16 linear for one [n, k] weight, set up the way its UnquantizedLinearMethod does."""
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    layer = torch.nn.Module()
-    layer.weight = torch.nn.Parameter(torch.randn(n, k).to(torch.bfloat16) * 0.02, requires_grad=False)
-    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-    return lambda x: layer.cpu_linear(x, layer.weight, None)
-
-
 def median_ms(fns: list, seconds: float) -> float:
     """Median over repeats of one call (cycling through fns); warm-up first, repeat count from its time (calls
     long enough to be compute-bound, > 20 ms, warm up on one weight copy only)."""
@@ -84,7 +74,7 @@ def main() -> int:
         copies = max(2, -(-CYCLE_BYTES // (n * k)))
         weights = [quantize(torch.randn(n, k).to(torch.bfloat16) * 0.02, a.granularity, 128)
                    for _ in range(copies)]
-        bf16 = [vllm_bf16_linear(n, k) for _ in range(max(2, -(-CYCLE_BYTES // (2 * n * k))))] if a.bf16 else []
+        bf16 = [bench_int8.vllm_bf16_linear(n, k) for _ in range(max(2, -(-CYCLE_BYTES // (2 * n * k))))] if a.bf16 else []
         for threads in (int(t) for t in a.threads.split(",")):
             torch.set_num_threads(threads)
             for m in (int(v) for v in a.ms.split(",")):
