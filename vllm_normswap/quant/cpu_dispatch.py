@@ -26,8 +26,8 @@ import os
 import torch
 
 import vllm_normswap.quant.cpp_kernel as cpp_kernel
-from vllm_normswap.quant.cpu_kernels import (compiled_gemv, compiled_small_m, cpp_int8_mm, dequant_block_mm,
-                                             gemv_int8, int8pack_mm, native_bf16, small_m_int8)
+from vllm_normswap.quant.cpu_kernels import (compiled_gemv, compiled_small_m, dequant_block_mm, gemv_int8,
+                                             int8pack_mm, native_bf16, small_m_int8)
 
 # torch's int8pack CPU kernel reads past the end of the row when K is not a multiple of its block: on an AVX-512
 # CPU (torch 2.13) K = 8, 40, 100, 136, 520 gave garbage or a segfault, multiples of 16 were exact. Other K take
@@ -113,7 +113,7 @@ def choose(x2: torch.Tensor, scale: torch.Tensor, k: Knobs | None = None) -> str
     return "dequant_block"
 
 
-KERNELS = {"cpp": cpp_int8_mm, "gemv": gemv_int8, "small_m": small_m_int8, "int8pack": int8pack_mm,
+KERNELS = {"cpp": cpp_kernel.int8_mm, "gemv": gemv_int8, "small_m": small_m_int8, "int8pack": int8pack_mm,
            "dequant_block": dequant_block_mm}
 
 

@@ -2,8 +2,6 @@
 x2 [M, K] and an int8 weight [N, K] with its scale [N, 1] or [N, K/G] and returns [M, N]; none of them reads the
 environment or decides when it applies. Measurements: benchmarks/README.md.
 
-- cpp_int8_mm: the compiled kernel (cpp_kernel.py, csrc/int8_mm.cpp): int16-quantized activations times the int8
-  weight in integer dot products, any row count, dtype and scale granularity, on all torch threads;
 - gemv_int8: Numba GEMV for bf16 activations, any scale granularity (batch-1 decode on one thread);
 - small_m_int8: Numba kernels that widen each int8 weight once for four (mm4) or two (mm2) activation rows;
 - int8pack_mm: torch's `aten._weight_int8pack_mm`, which reads the int8 weight directly (per-row scales);
@@ -235,14 +233,6 @@ def compiled_small_m():
 
 
 # ---- the kernels as torch functions ---------------------------------------------------------------------------
-
-def cpp_int8_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x2 [M, K] @ int8 weight [N, K] with scale [N, 1] or [N, K/G] -> [M, N] in x2's dtype, via the compiled
-    kernel (which must have loaded: cpp_kernel.loaded())."""
-    import vllm_normswap.quant.cpp_kernel as cpp_kernel
-
-    return cpp_kernel.int8_mm(x2, weight, scale)
-
 
 def gemv_int8(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x2 [M, K] bf16 @ int8 weight [N, K] with scale [N, 1] or [N, K/G] -> [M, N] bf16, via the Numba GEMV."""
