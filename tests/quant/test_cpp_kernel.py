@@ -204,20 +204,6 @@ def test_op_runs_the_compiled_kernel(monkeypatch):
     assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
 
 
-def test_kernel_knob_from_the_environment(monkeypatch):
-    monkeypatch.setenv("NORMSWAP_INT8_KERNEL", "numba")
-    cpu_dispatch.knobs.cache_clear()
-    try:
-        assert cpu_dispatch.knobs().kernel == "numba"
-        monkeypatch.setenv("NORMSWAP_INT8_KERNEL", "fast")
-        cpu_dispatch.knobs.cache_clear()
-        with pytest.raises(ValueError, match="auto, cpp, numba"):
-            cpu_dispatch.knobs()
-    finally:
-        monkeypatch.undo()
-        cpu_dispatch.knobs.cache_clear()
-
-
 def test_failed_build_warns_once_with_the_fix(monkeypatch):
     import vllm_normswap.logs as logs
 

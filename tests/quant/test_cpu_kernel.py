@@ -128,16 +128,19 @@ def test_numba_paths_are_taken_only_where_they_apply(monkeypatch):
     assert not cpu_dispatch.use_gemv(one, scale, dataclasses.replace(k, gemv="int8pack"))
 
 
-def test_dispatch_thresholds_read_from_the_environment_on_demand(monkeypatch):
-    """The knobs are read when first needed, not at import; an unknown NORMSWAP_INT8_GEMV names the choices."""
+@pytest.mark.parametrize("var, value, field, allowed", [
+    ("NORMSWAP_INT8_GEMV", "int8pack", "gemv", "auto, numba, int8pack"),
+    ("NORMSWAP_INT8_KERNEL", "numba", "kernel", "auto, cpp, numba")])
+def test_dispatch_knobs_read_from_the_environment_on_demand(monkeypatch, var, value, field, allowed):
+    """The knobs are read when first needed, not at import; an unknown choice is refused naming the choices."""
     monkeypatch.setenv("NORMSWAP_INT8_SMALL_M_MAX_ROWS", "4")
-    monkeypatch.setenv("NORMSWAP_INT8_GEMV", "int8pack")
+    monkeypatch.setenv(var, value)
     cpu_dispatch.knobs.cache_clear()
     try:
-        assert cpu_dispatch.knobs().small_m_max_rows == 4 and cpu_dispatch.knobs().gemv == "int8pack"
-        monkeypatch.setenv("NORMSWAP_INT8_GEMV", "fast")
+        assert cpu_dispatch.knobs().small_m_max_rows == 4 and getattr(cpu_dispatch.knobs(), field) == value
+        monkeypatch.setenv(var, "fast")
         cpu_dispatch.knobs.cache_clear()
-        with pytest.raises(ValueError, match="auto, numba, int8pack"):
+        with pytest.raises(ValueError, match=allowed):
             cpu_dispatch.knobs()
     finally:
         monkeypatch.undo()
