@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 
 import pytest
 
@@ -19,6 +21,29 @@ def checkpoints(tmp_path_factory):
     without an entry in utils.OPTION_VARIANTS gets the default settings)."""
     root = tmp_path_factory.mktemp("ckpt")
     return {option: make_checkpoint(root / option, option) for option in OPTIONS}
+
+
+# ---- tests that time something run alone ---------------------------------------------------------------------------
+# CI runs the suite on two pytest-xdist workers (`-n 2`; `--dist loadfile` keeps a file's shared servers on one
+# worker). A test marked `exclusive` compares timings taken at different moments (two load generators on one
+# server, a process's CPU use), which the other worker's load would skew: it holds a lock exclusively while every
+# other test holds it shared, so it runs while the other worker waits between two tests.
+
+def _lock_path() -> str:
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
+    return os.path.join(tempfile.gettempdir(), f"normswap-pytest-{run}.lock")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: nothing runs beside it
+        return (yield)
+    with open(_lock_path(), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if item.get_closest_marker("exclusive") else fcntl.LOCK_SH)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---- per-file durations (CI prints them: where the suite's time goes) --------------------------------------------

@@ -2,8 +2,13 @@
 The report's numbers are checked against independent computations: perplexity and the precision floor with the
 pure-torch reference model on the same token ids, observer element counts from the document lengths (so warm-up
 traffic is excluded), generated tokens from vLLM's own counter against locust's records of the measured rounds,
-the throughput ratio from the raw records, and the mean-shift probe against the norms' algebra."""
+the throughput ratio from the raw records, and the mean-shift probe against the norms' algebra.
 
+Then `normswap ab --endpoint NAME=URL` against servers this file starts itself (nothing started by `ab`), and
+`normswap ab --compare` on two real run folders: that one and the shared run. (One file: both read the shared
+run, and pytest-xdist keeps a file on one worker, so the shared run is made once.)"""
+
+import json
 import math
 import shutil
 import subprocess
@@ -13,8 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ab_helpers import AB_OPTIONS as OPTIONS
-from vllm_normswap.ab import loadgen, loadstats
+from ab_helpers import AB_ARGS, AB_OPTIONS as OPTIONS, run_ab
+from utils import get_open_port
+from vllm_normswap.ab import compare, loadgen, loadstats
+from vllm_normswap.ab.loadstats import LATENCY_KEYS
+from vllm_normswap.ab.servers import ServerRun, ServerSpec
 from vllm_normswap.checkpoints.io import load_arch, load_reference
 
 pytestmark = pytest.mark.server
@@ -189,3 +197,60 @@ def test_report_renders(ab):
 
     img = matplotlib.image.imread(out)
     assert img.shape[0] >= 3000 and img.std() > 0.05  # not blank
+
+
+# ---- --endpoint and --compare ----------------------------------------------------------------------------------
+# What this file checks (endpoints measured, not started; the comparison's bookkeeping) does not depend on how
+# long the load ran: two rounds of 4 s per server are enough to give every latency a CI and a label.
+ENDPOINT_LOAD = ["--load-seconds", "4", "--rounds", "2"]
+
+
+@pytest.fixture(scope="module")
+def endpoint_run(tmp_path_factory, ab):
+    ckpts, _, _, _ = ab
+    root = tmp_path_factory.mktemp("endpoint")
+    specs = [ServerSpec("ln-gelu", str(ckpts["ln-gelu"]), p, extra=["--enforce-eager"]) for p in ("bf16", "int8")]
+    runs = [ServerRun(s, get_open_port(), root / "logs").start() for s in specs]
+    try:
+        urls = [r.wait() for r in runs]
+        argv = AB_ARGS + ["--endpoint", f"ln-gelu-bf16={urls[0]}", "--endpoint", f"ln-gelu-int8={urls[1]}",
+                          "--option", f"ln-gelu={ckpts['ln-gelu']}", "--out", str(root / "runs"),
+                          *ENDPOINT_LOAD]
+        proc, summary = run_ab(argv)
+    finally:
+        for r in runs:
+            r.stop()
+    assert proc.returncode == 0 and summary, proc.stderr[-4000:]
+    return json.loads(Path(summary["results"]).read_text()), Path(summary["run_dir"]), urls
+
+
+def test_endpoints_are_measured_not_started(endpoint_run):
+    results, run_dir, urls = endpoint_run
+    assert [(r["name"], r["url"], r["status"]) for r in results["runs"]] == [
+        ("ln-gelu-bf16", urls[0], "ok"), ("ln-gelu-int8", urls[1], "ok")]
+    assert not any("command" in r or "log" in r for r in results["runs"])  # nothing was started
+    assert not (run_dir / "logs").exists()
+    comp = results["comparisons"]["ln-gelu"]
+    assert comp["load"]["labels"]["throughput"] in ("better", "worse", "no difference")
+    assert comp["precision_floor"]["kl"]["value"] > 0  # the checkpoint given with --option feeds the fp32 floor
+    # the bf16 endpoint scored the documents as the shared run's bf16 server did (same checkpoint, same tokens)
+    assert results["runs"][0]["quality"]["tokens"] > 0
+
+
+def test_compare_two_real_runs(endpoint_run, ab):
+    results_b, run_b, _ = endpoint_run
+    _, results_a, run_a, _ = ab
+    assert compare.compare_runs(str(run_a), str(run_b)) == 0
+    out = json.loads((run_b / "compare.json").read_text())
+    rows = {(r["option"], r["measure"]): r for r in out["rows"]}
+    a, b = results_a["comparisons"]["ln-gelu"]["load"], results_b["comparisons"]["ln-gelu"]["load"]
+    for key in LATENCY_KEYS:
+        row = rows[("ln-gelu", f"int8÷bf16 {key}")]
+        outside = not (a[key]["lo"] <= b[key]["value"] <= a[key]["hi"]) or \
+            not (b[key]["lo"] <= a[key]["value"] <= b[key]["hi"])
+        assert row["changed"] == (a["labels"][key] != b["labels"][key] or outside)
+    assert ("rms-gelu", "int8÷bf16 throughput") not in rows  # only options both runs measured
+    da, db = results_a["analysis"]["decision"], results_b["analysis"]["decision"]
+    assert rows[("(all)", "decision")]["changed"] == ((da["verdict"], da["choice"]) != (db["verdict"], db["choice"]))
+    assert out["changed"] == sum(r["changed"] for r in out["rows"])
+    assert (run_b / "compare.md").read_text().count("\n|") == len(out["rows"]) + 2  # header, rule, rows

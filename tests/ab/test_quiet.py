@@ -5,8 +5,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from vllm_normswap.ab.servers import wait_quiet
+
+pytestmark = pytest.mark.exclusive  # the CPU use of a process that competes with nothing else
 
 BURN = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < {s}: pass\ntime.sleep(60)"
 

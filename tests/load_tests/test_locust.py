@@ -119,6 +119,7 @@ def _ours(url, prompts, out, n, users) -> list[dict]:
     return records
 
 
+@pytest.mark.exclusive  # medians of two clients timed one after the other
 def test_medians_and_goodput_agree_with_vllm_bench_serve(server):
     url, prompts, root, ckpt = server
     n, users = 48, 4
