@@ -339,7 +339,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", ""),
                     help="a Python with llama-cpp-python and gguf (the 'bench' extra) for --sweep's llama.cpp "
                          "column; default: this one if it has them, else the column is left out with a note")
-    ap.add_argument("--save", help="--sweep: also write the table as a result file for benchmarks/README.md")
+    ap.add_argument("--save", help="also write the table as a result file for benchmarks/README.md")
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
@@ -448,7 +448,41 @@ def main() -> int:
         result["goals"] = {"decode_batch1_ratio": 1.8, "prefill_ratio": 0.9, "weight_bytes_ratio": 0.5,
                            "llama_cpp_q8_0_decode_tok_s_batch1": "25-27 (0.95B, same box, from environment notes)"}
     print(json.dumps(result, indent=2))
+    if a.save:
+        Path(a.save).write_text(json.dumps(e2e_table(result, cpu_info() if cpu else None), indent=2) + "\n")
     return 0
+
+
+E2E_INT8 = {"normswap_int8": ("int8_over_bf16", "int8 / bf16"),
+            "normswap_int8_lm_head": ("int8_lm_head_over_bf16", "int8 + `lm_head: true` / bf16")}
+
+
+def e2e_table(result: dict, cpu: dict | None) -> dict:
+    """One run (not --sweep) as a benchmarks/README.md result file: bf16 tok/s, then each int8 configuration's
+    ratios (its tok/s in brackets), with the batch-1 bytes ceiling beside them."""
+    batches, b = result["batches"], result["bf16"]
+    measures = [f"decode_tok_s_batch{n}" for n in batches] + ["prefill_tok_s_512"]
+    rows = [["bf16 tok/s", *(_tok_s(b[m]) for m in measures), f"{b['weight_bytes'] / 1e9:.3f} GB", "-"]]
+    for mode, (key, label) in E2E_INT8.items():
+        if mode in result:
+            q, r = result[mode], result[key]
+            rows.append([label, *(f"{q[m] / b[m]:.2f}x ({_tok_s(q[m])})" for m in measures),
+                         f"{r['weight_bytes']:.2f}x", f"{r['decode_batch1_ceiling']:.2f}x"])
+    n = 0 if cpu is None else len(bind_cpus(result["threads_bind"]))
+    threads = "GPU" if cpu is None else f"{n} thread{'s' if n > 1 else ''}"
+    m = result["model"]
+    return {"title": f"int8 vs bf16 end to end, {cpu['kind'] if cpu else result['device']}, "
+                     f"{'compiled' if result['compiled'] else 'eager'}, {threads}",
+            "benchmark": f"benchmarks/bench_int8.py ({m['params'] / 1e9:.1f}B-parameter Llama shape, dummy weights, "
+                         f"{'compiled' if result['compiled'] else 'eager'}, best of {result['rounds']}, "
+                         f"--threads-bind {result['threads_bind']})",
+            "machine": f"{cpu['cores']}-core {cpu['model']}" if cpu else result["device"],
+            "cpu_flags": " ".join(cpu["flags"]) if cpu else "-",
+            "notes": "decode tok/s at each batch size and prefill tok/s of one 512-token prompt. b1 ceiling: the ratio "
+                     "of bytes a decode step reads, the most int8 gains at batch 1 where both read at the memory's "
+                     "speed.",
+            "columns": ["", *(f"decode b{n}" for n in batches), "prefill 512", "weights", "b1 ceiling"],
+            "rows": rows}
 
 
 # ---------------- --sweep: batch sizes x threads x bf16 / int8 / llama.cpp ----------------
