@@ -200,7 +200,7 @@ def test_report_renders(ab):
 
 
 # ---- --endpoint and --compare ----------------------------------------------------------------------------------
-# What this file checks (endpoints measured, not started; the comparison's bookkeeping) does not depend on how
+# What these tests check (endpoints measured, not started; the comparison's bookkeeping) does not depend on how
 # long the load ran: two rounds of 4 s per server are enough to give every latency a CI and a label.
 ENDPOINT_LOAD = ["--load-seconds", "4", "--rounds", "2"]
 
