@@ -606,7 +606,8 @@ def readme_table(result: dict) -> dict:
                     for m in measures])
     ratios = ", ".join(f"{label} {r:.2f}x" for label, r in result["weight_ratio"].items())
     ceiling = ", ".join(f"{label} {r:.2f}x" for label, r in result.get("batch1_ceiling", {}).items())
-    return {"title": f"int8 vs bf16 vs llama.cpp, every batch size, {cpu['kind']} ({result['date']})",
+    return {"title": f"int8 vs bf16 vs llama.cpp, every batch size, {cpu['kind']}, "
+                     f"{'compiled' if result['compiled'] else 'eager'} ({result['date']})",
             "benchmark": f"benchmarks/bench_int8.py --sweep ({result['model']['params'] / 1e9:.1f}B-parameter Llama "
                          f"shape, dummy weights, "
                          f"{'compiled' if result['compiled'] else 'eager'}, best of {result['rounds']})",
