@@ -109,6 +109,10 @@ def test_distributed_master_and_one_worker(server):
 # 11% in two others; TPOT ~5 ms within 22%). A definition mistake (seconds vs ms, TTFT inside TPOT, per-request vs
 # per-token) moves a median by a factor. Bench serve's medians are the reference.
 MEDIAN_RTOL, MEDIAN_ATOL_MS = 0.5, 2.0
+# Noise on a 2-core box (the client's scheduling, the other pytest worker's idle servers) now and then moves one
+# median past the bound (49 against 27 ms once); a definition mistake moves it in every attempt. So the medians
+# get up to ATTEMPTS tries, each ours / bench serve / ours, and one that agrees passes.
+ATTEMPTS = 3
 
 
 def _ours(url, prompts, out, n, users) -> list[dict]:
@@ -119,15 +123,7 @@ def _ours(url, prompts, out, n, users) -> list[dict]:
     return records
 
 
-@pytest.mark.exclusive  # medians of two clients timed one after the other
-def test_medians_and_goodput_agree_with_vllm_bench_serve(server):
-    url, prompts, root, ckpt = server
-    n, users = 48, 4
-    records = _ours(url, prompts, root / "vs-bench-1", n // 2, users)
-    first = loadgen.summarize(records)
-    slos = {"slo_ttft_ms": first["ttft_ms"]["p50"], "slo_tpot_ms": first["tpot_ms"]["p50"]}
-
-    out = root / "bench"
+def _bench_serve(url, prompts, ckpt, out, n, users, slos) -> dict:
     cmd = [sys.executable, str(VLLM_CLI), "bench", "serve", "--backend", "vllm",
            "--base-url", url, "--model", "ln-gelu", "--tokenizer", str(ckpt), "--dataset-name", "custom",
            "--dataset-path", str(prompts), "--custom-output-len", str(MAX_TOKENS), "--skip-chat-template",
@@ -139,13 +135,32 @@ def test_medians_and_goodput_agree_with_vllm_bench_serve(server):
     assert bench_proc.returncode == 0, bench_proc.stdout[-2000:] + bench_proc.stderr[-3000:]
     bench = json.loads((out / "bench.json").read_text())
     assert bench["completed"] == n and bench["total_output_tokens"] == n * MAX_TOKENS
+    return bench
 
-    records += _ours(url, prompts, root / "vs-bench-2", n // 2, users)
-    ours = loadgen.summarize(records)
-    for ours_key, bench_key in (("ttft_ms", "median_ttft_ms"), ("tpot_ms", "median_tpot_ms")):
-        got, want = ours[ours_key]["p50"], bench[bench_key]
-        print(f"{ours_key} p50: ours {got:.2f} ms, vllm bench serve {want:.2f} ms")
-        assert abs(got - want) <= max(MEDIAN_RTOL * want, MEDIAN_ATOL_MS), (ours_key, got, want)
+
+@pytest.mark.exclusive  # medians of two clients timed one after the other
+def test_medians_and_goodput_agree_with_vllm_bench_serve(server):
+    url, prompts, root, ckpt = server
+    n, users = 48, 4
+    misses = []
+    for attempt in range(ATTEMPTS):
+        out = root / f"vs-bench-{attempt + 1}"
+        records = _ours(url, prompts, out / "ours-1", n // 2, users)
+        first = loadgen.summarize(records)
+        slos = {"slo_ttft_ms": first["ttft_ms"]["p50"], "slo_tpot_ms": first["tpot_ms"]["p50"]}
+        bench = _bench_serve(url, prompts, ckpt, out / "bench", n, users, slos)
+        records += _ours(url, prompts, out / "ours-2", n // 2, users)
+        ours = loadgen.summarize(records)
+        medians = {key: (ours[key]["p50"], bench[f"median_{key}"]) for key in ("ttft_ms", "tpot_ms")}
+        print(f"attempt {attempt + 1}: " + ", ".join(
+            f"{key} p50 ours {got:.2f}, vllm bench serve {want:.2f}" for key, (got, want) in medians.items()))
+        off = {key: (got, want) for key, (got, want) in medians.items()
+               if abs(got - want) > max(MEDIAN_RTOL * want, MEDIAN_ATOL_MS)}
+        if not off:
+            break
+        misses.append(off)
+    else:
+        pytest.fail(f"our medians and vllm bench serve's (ms) disagree in all {ATTEMPTS} attempts: {misses}")
 
     # goodput: vLLM's own count (--goodput at our first medians, so that part of the requests are good) and ours on
     # the same requests, which bench serve's per-request times give us; TPOT as the locustfile computes it
