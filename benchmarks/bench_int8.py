@@ -109,6 +109,11 @@ def cpu_info() -> dict:
     return {"model": model, "cores": os.cpu_count(), "flags": [f for f in KIND_FLAGS if f in flags], "kind": kind}
 
 
+def step_bytes(cfg: dict, weight_bytes: float) -> float:
+    """Bytes one decode step reads: every weight but the bf16 embedding table, of which it reads one row per token."""
+    return weight_bytes - cfg["vocab_size"] * cfg["hidden_size"] * 2
+
+
 def is_rate(key: str) -> bool:
     """The throughput figures (higher is better; the best over rounds is kept)."""
     return key.startswith("decode_tok_s_batch") or key == "prefill_tok_s_512"
@@ -407,7 +412,6 @@ def main() -> int:
                         return 1
 
     bw = read_bw(threads) if cpu else gpu_read_bw()
-    embed_bytes = cfg["vocab_size"] * cfg["hidden_size"] * 2  # not read per step (one row per token)
     result = {"model": {"params": param_count(cfg), **{k: cfg[k] for k in (
         "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")}},
         "device": a.device, "batches": list(batches), "threads_bind": bind, "compiled": a.compiled,
@@ -416,12 +420,11 @@ def main() -> int:
         core_bw = read_bw(1)
         result["core_read_bw_GBps"] = core_bw / 1e9
     for mode, r in runs.items():
-        step_bytes = r["weight_bytes"] - embed_bytes
-        r["bytes_per_decode_step"] = step_bytes
-        r["roofline_tok_s_batch1"] = bw / step_bytes
+        r["bytes_per_decode_step"] = step = step_bytes(cfg, r["weight_bytes"])
+        r["roofline_tok_s_batch1"] = bw / step
         r["roofline_fraction_batch1"] = r["decode_tok_s_batch1"] / r["roofline_tok_s_batch1"]
         if cpu:
-            r["core_roofline_tok_s_batch1"] = core_bw / step_bytes  # one core's bandwidth (the default: 1 thread)
+            r["core_roofline_tok_s_batch1"] = core_bw / step  # one core's bandwidth (the default: 1 thread)
             r["core_roofline_fraction_batch1"] = r["decode_tok_s_batch1"] / r["core_roofline_tok_s_batch1"]
         result[mode] = r
         if not cpu:
@@ -563,15 +566,15 @@ def sweep(a) -> int:
             table.append(row)
     goals = {"int8_over_bf16_min": 1.0, "int8_over_bf16_batch1_min": 1.8, "int8_over_llama_cpp_min": 1.0}
     bf16_bytes = runs[threads[0]]["bf16"]["weight_bytes"]
-    embed = cfg["vocab_size"] * cfg["hidden_size"] * 2
     result = {"benchmark": "bench_int8.py --sweep", "cpu": info, "model": {"params": param_count(cfg), **cfg},
               "compiled": a.compiled, "rounds": a.rounds, "decode_tokens": a.decode_tokens, "peer": peer_note,
               "date": time.strftime("%Y-%m-%d"), "table": table, "goals": goals,
               "weight_ratio": {label: runs[threads[0]][mode]["weight_bytes"] / bf16_bytes
                                for mode, label in SWEEP_INT8.items()},
               # where both read at the memory's speed (batch 1), int8 gains at most the ratio of the bytes a
-              # decode step reads (all weights but the embedding table, of which it reads one row)
-              "batch1_ceiling": {label: (bf16_bytes - embed) / (runs[threads[0]][mode]["weight_bytes"] - embed)
+              # decode step reads
+              "batch1_ceiling": {label: step_bytes(cfg, bf16_bytes)
+                                 / step_bytes(cfg, runs[threads[0]][mode]["weight_bytes"])
                                  for mode, label in SWEEP_INT8.items()}}
     print(json.dumps(result, indent=2))
     if a.save:

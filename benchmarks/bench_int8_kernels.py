@@ -74,7 +74,8 @@ def main() -> int:
         copies = max(2, -(-CYCLE_BYTES // (n * k)))
         weights = [quantize(torch.randn(n, k).to(torch.bfloat16) * 0.02, a.granularity, 128)
                    for _ in range(copies)]
-        bf16 = [bench_int8.vllm_bf16_linear(n, k) for _ in range(max(2, -(-CYCLE_BYTES // (2 * n * k))))] if a.bf16 else []
+        bf16 = [bench_int8.vllm_bf16_linear(n, k)
+                for _ in range(max(2, -(-CYCLE_BYTES // (2 * n * k))))] if a.bf16 else []
         for threads in (int(t) for t in a.threads.split(",")):
             torch.set_num_threads(threads)
             for m in (int(v) for v in a.ms.split(",")):
