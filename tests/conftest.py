@@ -13,6 +13,10 @@ from utils import OPTION_VARIANTS, make_checkpoint, shared_tokenizer  # noqa: F4
 from vllm_normswap.registry import OPTIONS
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# The servers the tests start (directly, or through `normswap ab`) fork EngineCore and the worker instead of
+# spawning them (vllm_normswap/fast_start.py): a start no longer imports torch and vLLM three times over. The wheel
+# test (tests/test_wheel.py) runs the default, spawn, as a user's install does.
+os.environ.setdefault("NORMSWAP_FORK_ENGINE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -9,23 +9,18 @@ only, so ``python -m ...`` (vLLM's server is started that way) cannot pick the c
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from utils import get_open_port, port_holders
+from vllm_normswap.fast_start import ENV as FORK_ENV, FORK_LOG
 from vllm_normswap.vllm_server import VLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,8 @@ def installed(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, cwd=cwd, timeout=600)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
-    env |= {"PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # FORK_ENV=0: vLLM's default start (spawn), as after `pip install` (the rest of the suite forks: conftest.py)
+    env |= {"PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", FORK_ENV: "0"}
     return target, env, cwd
 
 
@@ -78,10 +74,12 @@ def test_serve_from_the_wheel_answers_a_completion(installed, tmp_path):
     import openai
 
     target, env, cwd = installed
-    port = free_port()
+    port = get_open_port()
     argv = [normswap(installed), "serve", "ln-gelu", "--port", str(port), "--", "--enforce-eager"]
     with VLLMServer(argv, tmp_path / "serve.log", env=env, port=port, startup_timeout=600, cwd=cwd) as server:
         log = server.log_tail(200_000)
+        assert FORK_LOG not in log, "the default start spawns EngineCore and the worker"
+        assert len(port_holders(server)) == 1, port_holders(server)  # only the API server holds its port
         assert str(target / "vllm_normswap" / "serving_configs" / "ln-gelu.yaml") in " ".join(server.argv) or \
             "ln-gelu" in log
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")

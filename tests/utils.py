@@ -194,6 +194,21 @@ class ServerPairs:
         self.live = {}
 
 
+def server_processes(server: VLLMServer) -> list:
+    """The server's process tree (psutil): the process started, its API server, EngineCore and worker(s)."""
+    import psutil
+
+    root = psutil.Process(server.proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def port_holders(server: VLLMServer) -> list[str]:
+    """Names of the server's processes that hold a socket on its port (vLLM renames EngineCore and the workers
+    ``VLLM::EngineCore``, ``VLLM::Worker``)."""
+    return [p.name() for p in server_processes(server)
+            if any(c.laddr and c.laddr.port == server.port for c in p.net_connections("tcp"))]
+
+
 # ---- checkpoints and the offline engine ----------------------------------------------------------------------
 
 def variant(option: str) -> dict:

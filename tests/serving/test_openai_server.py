@@ -8,6 +8,7 @@ top-2 margin is clear, and the streamed text is the same as the non-streamed tex
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import RemoteOpenAIServer, ServerPairs, random_prompts
+from utils import RemoteOpenAIServer, ServerPairs, port_holders, random_prompts, server_processes
+from vllm_normswap.fast_start import ENV as FORK_ENV, FORK_LOG
 from vllm_normswap.checkpoints.io import load_reference
 from vllm_normswap.registry import OPTIONS
 
@@ -53,6 +55,20 @@ def prompt_ids(seed: int, n: int = 24) -> list[int]:
 def test_models_lists_the_option(served):
     option, _, client = served
     assert [m.id for m in client.models.list().data] == [option]
+
+
+def test_forked_engine_leaves_the_port_to_the_api_server(served, servers):
+    """The suite's servers fork EngineCore and the worker (NORMSWAP_FORK_ENGINE=1, tests/conftest.py): the log
+    says so, both processes exist, and neither holds the API server's port (the at-fork hook closed it; without
+    it they keep it bound). The default start, spawn, is checked by tests/test_wheel.py."""
+    option = served[0]
+    server = servers[option]
+    assert os.environ.get(FORK_ENV) == "1"
+    assert FORK_LOG in server.log_tail(500_000)
+    names = [p.name() for p in server_processes(server)]
+    assert "VLLM::EngineCore" in names and "VLLM::Worker" in names, names
+    holders = port_holders(server)
+    assert len(holders) == 1 and not holders[0].startswith("VLLM::"), holders
 
 
 def test_echo_logprobs_match_reference(served):
