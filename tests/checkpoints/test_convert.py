@@ -81,15 +81,28 @@ def test_rejections(tmp_path, tok):
         convert(tmp_path / "llama", tmp_path / "y", to_rmsnorm=True)
 
 
+SERVED = [("gpt2", False), ("opt", False), ("llama", False), ("gpt2", True)]
+
+
+@pytest.fixture(scope="module")
+def served_conversions(tmp_path_factory, tok):
+    """(kind, to_rms) -> (HF model on the bf16-rounded weights, prompts, vLLM result): every conversion served in
+    one offline-runner process (one vLLM import for all four engines)."""
+    cases, specs = {}, []
+    for kind, to_rms in SERVED:
+        root = tmp_path_factory.mktemp(f"{kind}-rms{int(to_rms)}")
+        model = save_hf(kind, root / "hf", tok)
+        convert(root / "hf", root / "ns", to_rmsnorm=to_rms, dtype="bfloat16")
+        # same bf16-rounded weights as served: the diff is activation precision
+        cases[kind, to_rms] = (model.to(torch.bfloat16).float(), prompts())
+        specs.append({"model": str(root / "ns"), "prompts": prompts(), "max_tokens": 1, "max_model_len": 256})
+    return {case: (*cases[case], result) for case, result in zip(cases, run_vllm_offline(specs))}
+
+
 @pytest.mark.server
-@pytest.mark.parametrize("kind,to_rms", [("gpt2", False), ("opt", False), ("llama", False), ("gpt2", True)])
-def test_vllm_matches_hf(kind, to_rms, tmp_path, tok):
-    model = save_hf(kind, tmp_path / "hf", tok)
-    convert(tmp_path / "hf", tmp_path / "ns", to_rmsnorm=to_rms, dtype="bfloat16")
-    ids_list = prompts()
-    model = model.to(torch.bfloat16).float()  # same bf16-rounded weights as served: the diff is activation precision
-    result = run_vllm_offline({"model": str(tmp_path / "ns"), "prompts": ids_list, "max_tokens": 1,
-                               "max_model_len": 256})
+@pytest.mark.parametrize("kind,to_rms", SERVED)
+def test_vllm_matches_hf(kind, to_rms, served_conversions):
+    model, ids_list, result = served_conversions[kind, to_rms]
     diffs = []
     for ids, got in zip(ids_list, result["prompt_logprobs"]):
         want = hf_logits(model, ids).log_softmax(-1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
