@@ -321,17 +321,24 @@ class Runner:
         self.last_scrape[t.name] = m1
 
     def _load(self, live: list[Target], recs: dict) -> None:
-        """Alternating rounds, each server in turn, until each has --load-seconds and --min-requests measured."""
+        """Alternating rounds, each server in turn, until each has --load-seconds and --min-requests measured, and
+        --rounds rounds of every server have a steady span (the pairs the ratio CIs are computed over)."""
         a = self.args
         per_round = max(a.load_seconds / max(a.rounds, 1), 3.0)
         done = defaultdict(int)
         quiet = defaultdict(list)  # run name -> seconds waited for an idle group before each round
         rounds = 0
-        while live and (rounds < a.rounds or min(done[t.name] for t in live) < a.min_requests):
+
+        def paired() -> int:  # a round whose requests all started inside its ramp-up has no steady span
+            return sum(all(loadstats.steady_span(self.rounds[t.name][i]) for t in live) for i in range(rounds))
+
+        while live and (rounds < a.rounds or min(done[t.name] for t in live) < a.min_requests
+                        or paired() < a.rounds):
             if rounds >= 4 * max(a.rounds, 1):  # a server too slow for --min-requests: stop, and say so
                 for t in live:
-                    recs[t.name]["load_note"] = (f"{done[t.name]} requests after {rounds} rounds, fewer than "
-                                                 f"--min-requests {a.min_requests}")
+                    recs[t.name]["load_note"] = (f"{done[t.name]} requests and {paired()} measurable rounds after "
+                                                 f"{rounds} rounds, fewer than --min-requests {a.min_requests} "
+                                                 f"or --rounds {a.rounds}")
                 break
             for t in live:
                 # every server of the group idle first: the one measured before goes on computing for up to a
