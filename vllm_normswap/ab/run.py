@@ -5,7 +5,8 @@ A straight line of steps (``run``):
 1. arguments are checked before anything is created (``targets``): option ids, precisions, checkpoints, endpoints;
 2. per option, its bf16 and int8 servers start together, then each is warmed up (ab/warmup.py), scored on the
    held-out documents (quality, observer counts for exactly those tokens), and load-tested by locust in
-   alternating rounds (bf16, int8, bf16, int8, ...) until both have run --load-seconds and --min-requests;
+   alternating rounds (bf16, int8, bf16, int8, ...) until both have run --load-seconds and --min-requests, with
+   --rounds pairs of rounds that each have a steady state;
 3. probe servers (probe_shift = c) score the same documents for one LayerNorm and one RMSNorm option;
 4. in-process: the fp32 reference model scores the documents (the precision floor) and draws the probe curve;
 5. comparisons, the decision and the report; the exit code is 1 if any server run failed.
