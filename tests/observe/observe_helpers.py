@@ -58,15 +58,24 @@ def scrape(url: str) -> dict[tuple, float]:
 def wait_for_elements(url: str, expected: float, model_name: str, layer: int = 0, site: str = "act_in",
                       timeout: float = 30.0) -> dict:
     """Scrape until the publisher has caught up with ``expected`` elements at one site (it publishes every
-    publish_interval_s), then scrape once more so every site is from a later publish."""
+    publish_interval_s), then until two scrapes a second apart agree on every sample. The publisher writes site by
+    site, so a scrape can land between two writes; once the traffic has stopped it writes nothing more (it writes
+    only values that changed), so two equal scrapes hold every site's final value."""
     deadline = time.monotonic() + timeout
     got = None
     while time.monotonic() < deadline:
         got = sample(scrape(url), "normswap_activation_elements_total", model_name=model_name, layer=layer,
                      site=site)
         if got == expected:
-            time.sleep(0.5)
-            return scrape(url)
+            before, settle_by = scrape(url), time.monotonic() + timeout
+            while time.monotonic() < settle_by:
+                time.sleep(1.0)
+                now = scrape(url)
+                if now == before:
+                    return now
+                before = now
+            raise AssertionError(f"normswap_* samples still changing {timeout}s after layer={layer},site={site} "
+                                 f"reached {expected} elements")
         time.sleep(0.2)
     raise AssertionError(f"elements_total{{layer={layer},site={site}}} = {got}, expected {expected} "
                          f"after {timeout}s")
