@@ -93,9 +93,10 @@ def served_conversions(tmp_path_factory, tok):
         root = tmp_path_factory.mktemp(f"{kind}-rms{int(to_rms)}")
         model = save_hf(kind, root / "hf", tok)
         convert(root / "hf", root / "ns", to_rmsnorm=to_rms, dtype="bfloat16")
+        ids_list = prompts()
         # same bf16-rounded weights as served: the diff is activation precision
-        cases[kind, to_rms] = (model.to(torch.bfloat16).float(), prompts())
-        specs.append({"model": str(root / "ns"), "prompts": prompts(), "max_tokens": 1, "max_model_len": 256})
+        cases[kind, to_rms] = (model.to(torch.bfloat16).float(), ids_list)
+        specs.append({"model": str(root / "ns"), "prompts": ids_list, "max_tokens": 1, "max_model_len": 256})
     return {case: (*cases[case], result) for case, result in zip(cases, run_vllm_offline(specs))}
 
 
