@@ -106,7 +106,11 @@ def cpu_info() -> dict:
     model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
     flags = set(next((ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith("flags")), "").split())
     kind = "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512 without BF16" if "avx512f" in flags else "AVX2"
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in KIND_FLAGS if f in flags], "kind": kind}
+    seen = [f for f in KIND_FLAGS if f in flags]
+    if os.environ.get("NORMSWAP_AS_AVX2") == "1":  # scripts/as_avx2.sh holds every kernel choice to AVX2
+        return {"model": model, "cores": os.cpu_count(), "flags": ["avx2"], "kind": f"AVX2 (emulated on {kind})",
+                "emulated_on": seen}
+    return {"model": model, "cores": os.cpu_count(), "flags": seen, "kind": kind}
 
 
 def step_bytes(cfg: dict, weight_bytes: float) -> float:
@@ -501,6 +505,9 @@ def peer_python(a) -> str | None:
 
 def run_peer(a, threads: list[int]) -> tuple[dict | None, str]:
     """llama.cpp Q8_0 on the same shape and box: {threads: {measure: tok/s}}, or None and why not."""
+    if os.environ.get("NORMSWAP_AS_AVX2") == "1":
+        return None, ("llama.cpp column left out: its build targets this CPU's own ISA (GGML_NATIVE), which "
+                      "scripts/as_avx2.sh cannot hold to AVX2")
     python = peer_python(a)
     if not python:
         return None, ("llama.cpp column left out: no llama-cpp-python here (install the 'bench' extra, or pass "
