@@ -96,6 +96,7 @@ def gpu_read_bw(gib: int = 2, reps: int = 5) -> float:
 
 
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
+EMULATED_AVX2 = os.environ.get("NORMSWAP_AS_AVX2") == "1"  # scripts/as_avx2.sh holds every kernel choice to AVX2
 KIND_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
@@ -107,7 +108,7 @@ def cpu_info() -> dict:
     flags = set(next((ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith("flags")), "").split())
     kind = "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512 without BF16" if "avx512f" in flags else "AVX2"
     seen = [f for f in KIND_FLAGS if f in flags]
-    if os.environ.get("NORMSWAP_AS_AVX2") == "1":  # scripts/as_avx2.sh holds every kernel choice to AVX2
+    if EMULATED_AVX2:
         return {"model": model, "cores": os.cpu_count(), "flags": ["avx2"], "kind": f"AVX2 (emulated on {kind})",
                 "emulated_on": seen}
     return {"model": model, "cores": os.cpu_count(), "flags": seen, "kind": kind}
@@ -505,7 +506,7 @@ def peer_python(a) -> str | None:
 
 def run_peer(a, threads: list[int]) -> tuple[dict | None, str]:
     """llama.cpp Q8_0 on the same shape and box: {threads: {measure: tok/s}}, or None and why not."""
-    if os.environ.get("NORMSWAP_AS_AVX2") == "1":
+    if EMULATED_AVX2:
         return None, ("llama.cpp column left out: its build targets this CPU's own ISA (GGML_NATIVE), which "
                       "scripts/as_avx2.sh cannot hold to AVX2")
     python = peer_python(a)

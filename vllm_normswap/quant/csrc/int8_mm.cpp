@@ -13,9 +13,9 @@
 // Register tiles: MR activation rows x NR weight rows of accumulators, so each widened weight vector feeds MR
 // rows and each activation vector NR weight rows. Up to STREAM_MAX_ROWS rows (decode batches) the tiles take
 // weight rows an NR-th of the thread's range apart, so that the hardware prefetcher runs NR streams at once (one
-// core reads more from several streams than from one). That gained at every M from 1 to 32 on both the AVX2 and
-// the VNNI path (gate_up at M = 8: 7.6 to 6.1 ms on AVX2, 4.5 to 3.3 ms on VNNI, one Xeon core); at M = 128,
-// bound by compute, the layout made no difference. Adjacent weight rows beyond that.
+// core reads more from several streams than from one). That gained at every M measured from 1 to 32, on the AVX2
+// and the VNNI path alike; at M = 128, bound by compute, the layout made no difference (figures:
+// benchmarks/README.md). Adjacent weight rows beyond that.
 //
 // Threads: the work is split over output rows (N) with at::parallel_for, so it runs on exactly the torch
 // intra-op threads (torch.get_num_threads(), what vLLM gives the worker). N is cut into chunks of at most
