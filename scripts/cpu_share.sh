@@ -15,7 +15,7 @@ cpus=$1; shift
 period=10000
 quota=$(awk -v c="$cpus" -v p="$period" 'BEGIN { q = int(c * p); if (q < 1000) q = 1000; print q }')
 name=normswap_cpu_share_$$
-if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null && [ -w /sys/fs/cgroup ]; then
     root=/sys/fs/cgroup; dir=$root/$name
     mkdir "$dir" && echo "$quota $period" >"$dir/cpu.max"
 elif [ -w /sys/fs/cgroup/cpu ]; then

@@ -5,7 +5,6 @@ is gone afterwards. The CPU time is read from the processes themselves (resource
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -36,16 +35,11 @@ sys.exit(3)
 """
 
 
-def _controller() -> bool:
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
-    return os.geteuid() == 0 and ((v2.exists() and "cpu" in v2.read_text().split())
-                                  or os.access("/sys/fs/cgroup/cpu", os.W_OK))
-
-
-@pytest.mark.skipif(not _controller(), reason="needs root and a writable cgroup cpu controller")
 def test_half_a_core_between_two_busy_processes():
     proc = subprocess.run(["scripts/cpu_share.sh", "0.5", sys.executable, "-c", BUSY], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
+    if proc.returncode == 2 and "no writable cgroup cpu controller" in proc.stderr:  # the script's own check
+        pytest.skip(proc.stderr.strip())
     assert proc.returncode == 3, proc.stderr[-2000:]  # the command's own exit status
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     # each child spins until 2 s of wall time have passed, so together they get 2 x 2 s of CPU on two free cores
