@@ -2,6 +2,9 @@
 run it: start it in its own process group, wait until /health answers, stop it (SIGINT, then SIGKILL), keep its log.
 ``ServerFailed`` carries the tail of the log when the process dies (or never becomes healthy).
 
+With NORMSWAP_FORKSERVER=1, a ``python -m vllm.entrypoints.openai.api_server`` command line is forked from a process
+that imported vLLM once (``vllm_normswap.forkserver``) instead of started anew.
+
 The command line comes from elsewhere (``vllm_normswap.serve.server_argv``, ``deploy/entrypoint.py``).
 """
 
@@ -14,6 +17,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from vllm_normswap import forkserver
 
 
 class VLLMServer:
@@ -29,14 +34,17 @@ class VLLMServer:
         self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         self.startup_timeout = startup_timeout
         self.cwd = cwd  # working directory of the server (None: this process's)
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | forkserver.ForkedProcess | None = None
 
     def start(self) -> "VLLMServer":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
-        # own process group: stop() must also reach EngineCore and workers
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=self.cwd, start_new_session=True)
+        # own process group (session): stop() must also reach EngineCore and workers
+        if forkserver.can_fork(self.argv, self.env) is None:  # NORMSWAP_FORKSERVER=1: vLLM is imported already
+            self.proc = forkserver.get().spawn(self.argv, self.env, self.cwd, self.log_path)
+        else:
+            self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                         cwd=self.cwd, start_new_session=True)
         return self
 
     def wait_healthy(self) -> "VLLMServer":
