@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
 
+from vllm_normswap import forkserver
 from vllm_normswap.registry import OPTIONS
 from vllm_normswap.serve import server_argv
 from vllm_normswap.vllm_server import VLLMServer
@@ -242,12 +243,13 @@ def shared_tokenizer():
 
 
 def run_vllm_offline(spec: dict | list[dict], timeout: float = 600, env: dict | None = None):
-    """tests/vllm_offline.py in a fresh process: one spec -> its result; a list of specs -> their results, run one
+    """tests/vllm_offline.py in a process of its own (forked from the fork server where the suite runs one, see
+    vllm_normswap/forkserver.py; else a fresh one): one spec -> its result; a list of specs -> their results, run one
     after another in that one process (one engine each, one vLLM import for all)."""
     specs = spec if isinstance(spec, list) else [spec]
-    proc = subprocess.run([sys.executable, str(TESTS / "vllm_offline.py"), json.dumps(specs)], capture_output=True,
-                          text=True, timeout=timeout * len(specs),
-                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GB, **(env or {})})
+    proc = forkserver.run([sys.executable, str(TESTS / "vllm_offline.py"), json.dumps(specs)],
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GB, **(env or {})},
+                          timeout=timeout * len(specs))
     if proc.returncode != 0:
         raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT_JSON ")]

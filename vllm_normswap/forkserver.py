@@ -1,20 +1,21 @@
-"""Faster server starts from one process: a fork server that imports vLLM's API server once and forks a server
-per request. Opt-in, NORMSWAP_FORKSERVER=1 (the test suite sets it; docs/environment.md has the figures).
+"""Faster vLLM process starts: a fork server that imports vLLM once and forks a child per command line. Opt-in,
+NORMSWAP_FORKSERVER=1 (the test suite sets it; docs/environment.md has the figures).
 
 Why: importing ``vllm.entrypoints.openai.api_server`` costs about 13 s of CPU on a 2-core box, and a tiny model's
-server is healthy 0.5 s after the import ends. A process that starts many servers (the test suite, ``normswap ab``)
-pays that import once per server. Here it pays it once: the fork server imports the module, and each request forks a
-child that runs the module as ``__main__``, as ``python -m vllm.entrypoints.openai.api_server ARGS`` would.
+server is healthy 0.5 s after the import ends. A process that starts many servers or offline engines (the test
+suite, ``normswap ab``) pays that import each time. Here it pays it once: the fork server imports vLLM, and each
+request forks a child that runs ``python -m MODULE ARGS`` or ``python SCRIPT ARGS`` from there, with vLLM's modules
+already in ``sys.modules``.
 
 Why it is safe:
-- The fork server runs no torch parallel region (it only imports), so the libgomp thread pool a server creates
-  later is its own. vLLM's own plugins are not loaded before the fork: ``register()`` runs in the child.
-- A child gets exactly the environment it asked for, its own session (``stop()`` signals its process group), its
-  own working directory and its log on stdout/stderr. What the import itself read from the environment cannot
-  change after the fork, so a request whose environment differs from the fork server's in any other variable
-  than ``LATE_READ`` is started as a new process instead (``VLLMServer`` falls back to ``Popen``).
+- The fork server runs no torch parallel region (it only imports), so the libgomp thread pool a child creates
+  later is its own. vLLM's plugins are not loaded before the fork: our ``register()`` runs in the child.
+- A child gets exactly the environment it asked for, its own session (``VLLMServer.stop()`` signals its process
+  group), its own working directory, and its output in the files it named. What the import itself read from the
+  environment cannot change after the fork, so a request whose environment differs from the fork server's in any
+  variable but the ``LATE_READ`` ones is started as a new process instead (``can_fork`` says why).
 - The child ends the way ``python -m`` ends (``SystemExit`` out of the fork server's main, atexit hooks, flushed
-  streams), so its exit status is the server's. The fork server reaps it and hands the status back.
+  streams), so its exit status is the program's. The fork server reaps it and hands the status back.
 """
 
 from __future__ import annotations
@@ -25,16 +26,17 @@ import runpy
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 ENV = "NORMSWAP_FORKSERVER"
-MODULE = "vllm.entrypoints.openai.api_server"  # the one module it pre-imports and runs
+PRELOAD = "vllm.entrypoints.openai.api_server"  # imported once; it pulls in torch, vLLM's engine and its server
 # Variables read only after the import (when the engine is configured, the worker binds its threads, or our plugin
 # registers in the child), so a child may set them differently from the fork server. Anything else must match.
 LATE_READ = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "PYTEST_CURRENT_TEST")
-LATE_READ_PREFIXES = ("NORMSWAP_",)
+LATE_READ_PREFIXES = ("NORMSWAP_",)  # our package reads its variables when the plugin registers, in the child
 
 
 def enabled(env: dict | None = None) -> bool:
@@ -42,25 +44,44 @@ def enabled(env: dict | None = None) -> bool:
 
 
 def env_mismatch(want: dict, have: dict) -> list[str]:
-    """The variables that differ between ``want`` and ``have`` and are read when vLLM is imported (so a forked
-    child would not see ``want``'s value); empty when a child can be forked."""
-    keys = set(want) | set(have)
-    return sorted(k for k in keys if want.get(k) != have.get(k)
-                  and k not in LATE_READ and not k.startswith(LATE_READ_PREFIXES))
+    """The variables that differ between ``want`` and ``have`` and may have been read when vLLM was imported (so a
+    forked child could not see ``want``'s value); empty when a child can be forked."""
+    return sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k) and not _late_read(k))
 
 
-def module_args(argv: list[str]) -> list[str] | None:
-    """The arguments after ``python -m MODULE`` when ``argv`` runs MODULE with this interpreter, else None."""
-    if len(argv) >= 3 and argv[1:3] == ["-m", MODULE] and os.path.realpath(argv[0]) == os.path.realpath(sys.executable):
-        return argv[3:]
+def _late_read(key: str) -> bool:
+    return key in LATE_READ or key.startswith(LATE_READ_PREFIXES)
+
+
+def target(argv: list[str]) -> tuple[str, str, list[str]] | None:
+    """("module", NAME, ARGS) for ``python -m NAME ARGS``, ("path", SCRIPT, ARGS) for ``python SCRIPT.py ARGS``,
+    when ``python`` is this interpreter; None for any other command line (interpreter options included)."""
+    if len(argv) < 2 or os.path.realpath(argv[0]) != os.path.realpath(sys.executable):
+        return None
+    if argv[1] == "-m" and len(argv) >= 3:
+        return "module", argv[2], list(argv[3:])
+    if argv[1].endswith(".py") and os.path.isfile(argv[1]):
+        return "path", os.path.abspath(argv[1]), list(argv[2:])
     return None
 
 
-# ---- the client side: used by VLLMServer --------------------------------------------------------------------------
+def can_fork(argv: list[str], env: dict) -> str | None:
+    """Why ``argv`` with ``env`` cannot be forked from this process's fork server; None when it can."""
+    if not enabled(env):
+        return f"{ENV} is not 1"
+    if target(argv) is None:
+        return f"not `{sys.executable} -m MODULE ...` or `{sys.executable} SCRIPT.py ...`"
+    mismatch = env_mismatch(env, dict(os.environ))
+    if mismatch:
+        return f"the environment differs in variables read at import: {', '.join(mismatch)}"
+    return None
+
+
+# ---- the client side ----------------------------------------------------------------------------------------------
 
 class ForkedProcess:
     """A child of the fork server, with the part of ``subprocess.Popen``'s interface that ``VLLMServer`` and the
-    tests use: ``pid``, ``returncode``, ``poll()``, ``wait(timeout)``."""
+    tests use: ``pid``, ``returncode``, ``poll()``, ``wait(timeout)``, ``send_signal``, ``terminate``, ``kill``."""
 
     def __init__(self, server: "ForkServer", pid: int, args: list[str]):
         self._server, self.pid, self.args, self.returncode = server, pid, args, None
@@ -90,8 +111,8 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The fork server process, started by ``get()`` (one per client process and environment). Requests are JSON
-    lines on its stdin, answers JSON lines on its stdout; a lock keeps one request in flight."""
+    """The fork server process (``get()`` starts one per client process and environment). Requests are JSON lines on
+    its stdin, answers JSON lines on its stdout; a lock keeps one request in flight."""
 
     def __init__(self, env: dict):
         self.env = dict(env)
@@ -118,19 +139,14 @@ class ForkServer:
             raise RuntimeError(f"fork server: {answer['error']}")
         return answer
 
-    def spawn(self, argv: list[str], env: dict, cwd: str | Path | None, log_path: str | Path) -> ForkedProcess:
-        args = module_args(argv)
-        assert args is not None, f"not a `python -m {MODULE}` command line: {argv}"
-        answer = self.request(op="spawn", args=args, env=env, cwd=str(cwd) if cwd else None, log=str(log_path))
+    def spawn(self, argv: list[str], env: dict, cwd: str | Path | None, stdout: str | Path,
+              stderr: str | Path | None = None) -> ForkedProcess:
+        """Fork ``argv`` (see ``target``) with exactly ``env``; its stdout and stderr (default: stdout's file too)
+        are appended to the files named."""
+        kind, name, args = target(argv)
+        answer = self.request(op="spawn", kind=kind, name=name, args=args, env=env, cwd=str(cwd) if cwd else None,
+                              stdout=str(stdout), stderr=str(stderr or stdout))
         return ForkedProcess(self, answer["pid"], argv)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()  # EOF: the fork server exits
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 _servers: dict[tuple, ForkServer] = {}
@@ -138,10 +154,9 @@ _servers_lock = threading.Lock()
 
 
 def get(env: dict | None = None) -> ForkServer:
-    """This process's fork server for ``env`` (default: this process's environment), started on first use. The
-    import runs in the background: callers only wait for it at their first ``spawn``."""
+    """This process's fork server for ``env`` (default: this process's environment), started on first use."""
     env = dict(os.environ if env is None else env)
-    key = tuple(sorted((k, v) for k, v in env.items() if not k.startswith(LATE_READ_PREFIXES) and k not in LATE_READ))
+    key = tuple(sorted((k, v) for k, v in env.items() if not _late_read(k)))
     with _servers_lock:
         server = _servers.get(key)
         if server is None or server.proc.poll() is not None:
@@ -149,38 +164,50 @@ def get(env: dict | None = None) -> ForkServer:
         return server
 
 
-def can_fork(argv: list[str], env: dict) -> str | None:
-    """Why ``argv`` with ``env`` cannot be forked from this process's fork server (None when it can)."""
-    if not enabled(env):
-        return f"{ENV} is not 1"
-    if module_args(argv) is None:
-        return f"not `{sys.executable} -m {MODULE}`"
-    mismatch = env_mismatch(env, dict(os.environ))
-    if mismatch:
-        return f"the environment differs in variables read at import: {', '.join(mismatch)}"
-    return None
+def run(argv: list[str], env: dict, timeout: float, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)``, forked from the fork
+    server when ``can_fork`` allows it. On timeout the child's process group is killed."""
+    if can_fork(argv, env) is not None:
+        return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="normswap-fork-") as d:
+        out, err = Path(d, "stdout"), Path(d, "stderr")
+        child = get().spawn(argv, env, cwd, out, err)
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise
+        return subprocess.CompletedProcess(argv, child.returncode, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
 
 
 # ---- the fork server itself: `python -m vllm_normswap.forkserver` -------------------------------------------------
 
 def _child(req: dict) -> None:
-    """In the forked child: become ``python -m MODULE ARGS`` with the requested environment, directory and log. Never
-    returns: SystemExit leaves through the fork server's main, so the interpreter ends as it would for ``python -m``."""
+    """In the forked child: become ``python -m NAME ARGS`` (or ``python SCRIPT ARGS``) with the requested
+    environment, directory and output files. Never returns: SystemExit leaves through the fork server's main, so the
+    interpreter ends as it would for ``python -m``."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
     os.close(devnull)
+    for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
     if req["cwd"]:
         os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
-    sys.path[0] = os.getcwd()  # as `python -m` puts the working directory first
-    sys.argv = [MODULE, *req["args"]]  # run_module sets argv[0] to the module's file, as `python -m` does
-    runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
+    if req["kind"] == "module":
+        sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
+        sys.argv = [req["name"], *req["args"]]  # run_module sets argv[0] to the module's file, as `python -m` does
+        runpy.run_module(req["name"], run_name="__main__", alter_sys=True)
+    else:
+        sys.path[0] = os.path.dirname(req["name"])  # `python SCRIPT` puts the script's directory first
+        sys.argv = [req["name"], *req["args"]]
+        runpy.run_path(req["name"], run_name="__main__")
     sys.exit(0)
 
 
@@ -201,7 +228,7 @@ def _serve(requests, answers) -> None:
                 requests.close()
                 answers.close()
                 os.setsid()  # its own process group: VLLMServer.stop() signals the whole group
-                os.close(sync_w)  # tells the fork server that the child leads its group, so the client can signal it
+                os.close(sync_w)  # the client may signal the group from now on
                 _child(req)
             os.close(sync_w)
             os.read(sync_r, 1)  # EOF once the child has called setsid (or died)
@@ -220,15 +247,15 @@ def _serve(requests, answers) -> None:
 
 
 def main() -> None:
-    # The protocol gets its own descriptors; fds 0 and 1 become /dev/null and stderr, so nothing the import prints
-    # can corrupt an answer, and a child's dup2 of its log over 0-2 drops every pipe to the client.
+    # The protocol gets descriptors of its own; fds 0 and 1 become /dev/null and stderr, so nothing the import prints
+    # can corrupt an answer, and a child's dup2 of its files over 0-2 leaves it no pipe to the client.
     requests = os.fdopen(os.dup(0), "r")
     answers = os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
-    __import__(MODULE)
+    __import__(PRELOAD)
     _serve(requests, answers)
 
 

@@ -41,7 +41,7 @@ class VLLMServer:
         self._log = open(self.log_path, "wb")
         # own process group (session): stop() must also reach EngineCore and workers
         if forkserver.can_fork(self.argv, self.env) is None:  # NORMSWAP_FORKSERVER=1: vLLM is imported already
-            self.proc = forkserver.get().spawn(self.argv, self.env, self.cwd, self.log_path)
+            self.proc = forkserver.get().spawn(self.argv, self.env, self.cwd, stdout=self.log_path)
         else:
             self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                          cwd=self.cwd, start_new_session=True)

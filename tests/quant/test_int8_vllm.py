@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from safetensors.torch import load_file
 
 from quant.llama_ckpt import make_llama_checkpoint
 from utils import random_prompts, shared_tokenizer
+from vllm_normswap import forkserver
 from vllm_normswap.checkpoints.quantize import quantize_checkpoint
 from vllm_normswap.quant.primitives import quantize
 
@@ -47,8 +47,7 @@ def prompts(n=3, vocab=512, seed=0):
 
 def run_int8(specs, out: Path, env_extra=None):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env_extra or {})}
-    proc = subprocess.run([sys.executable, str(RUNNER), json.dumps(specs), str(out)], capture_output=True,
-                          text=True, timeout=1200, env=env)
+    proc = forkserver.run([sys.executable, str(RUNNER), json.dumps(specs), str(out)], env=env, timeout=1200)
     if proc.returncode != 0:
         raise AssertionError(f"runner failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
     return torch.load(out, weights_only=False), proc.stdout + proc.stderr  # vLLM logs to stdout
