@@ -77,8 +77,9 @@ def test_forked_script_timeout_kills_it(tmp_path):
 def test_forked_server_serves_and_exits_like_popen(checkpoints, tmp_path):
     """A forked server answers, its engine processes hang below it, SIGINT stops all of them with exit code 0, and a
     killed server reports -9, as Popen would."""
-    assert forkserver.enabled(), "tests/conftest.py sets NORMSWAP_FORKSERVER=1"
-    with RemoteOpenAIServer("ln-gelu", checkpoints["ln-gelu"], tmp_path / "a.log", extra=["--enforce-eager"]) as s:
+    fork = {forkserver.ENV: "1"}  # as tests/conftest.py sets it, also where a developer turned it off
+    with RemoteOpenAIServer("ln-gelu", checkpoints["ln-gelu"], tmp_path / "a.log", extra=["--enforce-eager"],
+                            env=fork) as s:
         assert isinstance(s.proc, forkserver.ForkedProcess)
         assert psutil.Process(s.proc.pid).ppid() == forkserver.get().proc.pid
         engine = psutil.Process(s.proc.pid).children(recursive=True)
@@ -90,8 +91,10 @@ def test_forked_server_serves_and_exits_like_popen(checkpoints, tmp_path):
     assert not alive, f"engine processes left behind: {alive}"
     assert "Application startup complete" in s.log_path.read_text()  # the server's own output reached its log
 
-    killed = RemoteOpenAIServer("ln-gelu", checkpoints["ln-gelu"], tmp_path / "b.log", extra=["--enforce-eager"])
+    killed = RemoteOpenAIServer("ln-gelu", checkpoints["ln-gelu"], tmp_path / "b.log", extra=["--enforce-eager"],
+                                env=fork)
     killed.start()
+    assert isinstance(killed.proc, forkserver.ForkedProcess)
     os.killpg(killed.proc.pid, signal.SIGKILL)
     assert killed.proc.wait(timeout=30) == -signal.SIGKILL
     killed.stop()
