@@ -29,6 +29,8 @@ cleanup() {
     echo $$ >"$root/cgroup.procs" 2>/dev/null || true
     grep -E '^(nr_periods|nr_throttled|throttled_(time|usec))' "$dir/cpu.stat" | tr '\n' ' ' | sed 's/^/cpu_share: /' >&2
     echo >&2
+    # helpers that exit once their parent is gone (a fork server reads EOF) may take a moment
+    for _ in $(seq 50); do [ -n "$(cat "$dir/cgroup.procs" 2>/dev/null)" ] || break; sleep 0.2; done
     rmdir "$dir" 2>/dev/null || echo "cpu_share: $dir still holds processes; remove it when they have ended" >&2
 }
 trap cleanup EXIT
