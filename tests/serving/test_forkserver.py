@@ -15,7 +15,8 @@ from utils import RemoteOpenAIServer
 from vllm_normswap import forkserver
 
 SCRIPT = """
-import os, sys
+import atexit, os, sys
+atexit.register(print, "atexit ran")  # vLLM's shutdown and our engine-died exit code hang on atexit hooks
 print("argv", sys.argv[1:], "main", __name__, "path0", sys.path[0] == os.path.dirname(os.path.abspath(__file__)))
 print("cwd", os.getcwd(), "env", os.environ.get("NORMSWAP_PROBE"), "pgid==pid", os.getpgid(0) == os.getpid())
 print("to stderr", file=sys.stderr)
@@ -62,6 +63,7 @@ def test_forked_script_matches_a_new_process(script, tmp_path):
     assert forkserver.can_fork(argv, env) is None
     assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
     assert fresh.returncode == 3 and "main __main__ path0 True" in fresh.stdout and "late-read value" in fresh.stdout
+    assert fresh.stdout.endswith("atexit ran\n")
 
 
 def test_forked_script_timeout_kills_it(tmp_path):
