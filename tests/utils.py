@@ -12,7 +12,6 @@ import json
 import os
 import random
 import socket
-import subprocess
 import sys
 import time
 import urllib.error

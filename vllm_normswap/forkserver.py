@@ -111,12 +111,11 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The fork server process (``get()`` starts one per client process and environment). Requests are JSON lines on
+    """The fork server process (``get()`` starts one per client process). Requests are JSON lines on
     its stdin, answers JSON lines on its stdout; a lock keeps one request in flight."""
 
     def __init__(self, env: dict):
-        self.env = dict(env)
-        self.proc = subprocess.Popen([sys.executable, "-m", "vllm_normswap.forkserver"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "vllm_normswap.forkserver"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._lock = threading.Lock()
         self._ready = False
@@ -153,9 +152,10 @@ _servers: dict[tuple, ForkServer] = {}
 _servers_lock = threading.Lock()
 
 
-def get(env: dict | None = None) -> ForkServer:
-    """This process's fork server for ``env`` (default: this process's environment), started on first use."""
-    env = dict(os.environ if env is None else env)
+def get() -> ForkServer:
+    """This process's fork server, started on first use with this process's environment. Keyed by the variables
+    read at import, so a process that changes one of them gets a new fork server rather than a stale import."""
+    env = dict(os.environ)
     key = tuple(sorted((k, v) for k, v in env.items() if not _late_read(k)))
     with _servers_lock:
         server = _servers.get(key)
@@ -200,13 +200,12 @@ def _child(req: dict) -> None:
         os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
+    sys.argv = [req["name"], *req["args"]]  # run_module sets argv[0] to the module's file, as `python -m` does
     if req["kind"] == "module":
         sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
-        sys.argv = [req["name"], *req["args"]]  # run_module sets argv[0] to the module's file, as `python -m` does
         runpy.run_module(req["name"], run_name="__main__", alter_sys=True)
     else:
         sys.path[0] = os.path.dirname(req["name"])  # `python SCRIPT` puts the script's directory first
-        sys.argv = [req["name"], *req["args"]]
         runpy.run_path(req["name"], run_name="__main__")
     sys.exit(0)
 
