@@ -28,7 +28,11 @@ RUN --mount=type=bind,source=.,target=/tmp/src,rw \
  && rm -rf /tmp/dist \
  && python3 deploy/check_install.py
 
-ENV HOST=0.0.0.0 PORT=8000
+# not root: a numeric user, so that Kubernetes' runAsNonRoot can verify it (deploy/k8s/servers.yaml); the installed
+# package, its configs and the zoo stay root-owned, read-only to the server. Key the server with VLLM_API_KEY.
+RUN useradd --create-home --uid 10001 --user-group normswap
+USER 10001
+ENV HOST=0.0.0.0 PORT=8000 HOME=/home/normswap
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD python3 -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ['PORT'], timeout=4)"

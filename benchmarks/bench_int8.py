@@ -41,9 +41,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_normswap.serve import CPU_KV_CACHE_GB
+
+
 def read_bw(threads: int = 1, mib: int = 512, reps: int = 3) -> float:
     """Bytes/s that ``threads`` cores read from memory, each from four streams at once (as the int8 GEMV reads),
-    measured in this run: the batch-1 roofline. A fixed figure would not do: the machine kind and a shared box's
+    measured in this run: the batch-1 roofline. A fixed figure would not do: the CPU and a shared box's
     neighbours move it. (The int8 kernel reads from 8 streams per thread and can beat this probe.)"""
     import numba
     import numpy as np
@@ -385,7 +388,7 @@ def main() -> int:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(weight_bytes) in the worker
     bind, threads = None, None
     if cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GB)
         bind = f"0-{os.cpu_count() - 1}" if a.threads_bind == "all" else a.threads_bind
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
         # the standalone kernel timings of the breakdown use as many threads as the vLLM worker gets
@@ -486,6 +489,7 @@ def e2e_table(result: dict, cpu: dict | None) -> dict:
                          f"--threads-bind {result['threads_bind']})",
             "machine": f"{cpu['cores']}-core {cpu['model']}" if cpu else result["device"],
             "cpu_flags": " ".join(cpu["flags"]) if cpu else "-",
+            "date": time.strftime("%Y-%m-%d"),
             "notes": "decode tok/s at each batch size and prefill tok/s of one 512-token prompt. b1 ceiling: the ratio "
                      "of bytes a decode step reads, the most int8 gains at batch 1 where both read at the memory's "
                      "speed.",
@@ -536,7 +540,7 @@ def sweep(a) -> int:
     info = cpu_info()
     if max(threads) > info["cores"]:
         raise SystemExit(f"--sweep-threads {a.sweep_threads}: this machine has {info['cores']} cores")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GB)
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(weight_bytes) in the worker
     runs: dict[int, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -559,6 +563,7 @@ def sweep(a) -> int:
                     runs[t][mode] = r if best is None else {k: max(v, best[k]) if is_rate(k) else v
                                                             for k, v in r.items()}
     peer, peer_note = run_peer(a, threads)
+    plans = {t: int8_plans(cfg, t) for t in threads}
     table = []
     for t in threads:
         b = runs[t]["bf16"]
@@ -576,7 +581,7 @@ def sweep(a) -> int:
     bf16_bytes = runs[threads[0]]["bf16"]["weight_bytes"]
     result = {"benchmark": "bench_int8.py --sweep", "cpu": info, "model": {"params": param_count(cfg), **cfg},
               "compiled": a.compiled, "rounds": a.rounds, "decode_tokens": a.decode_tokens, "peer": peer_note,
-              "date": time.strftime("%Y-%m-%d"), "table": table, "goals": goals,
+              "date": time.strftime("%Y-%m-%d"), "table": table, "goals": goals, "int8_plan": plans,
               "weight_ratio": {label: runs[threads[0]][mode]["weight_bytes"] / bf16_bytes
                                for mode, label in SWEEP_INT8.items()},
               # where both read at the memory's speed (batch 1), int8 gains at most the ratio of the bytes a
@@ -588,6 +593,36 @@ def sweep(a) -> int:
     if a.save:
         Path(a.save).write_text(json.dumps(readme_table(result), indent=2) + "\n")
     return 0
+
+
+def int8_plans(cfg: dict, threads: int) -> list[dict]:
+    """The int8 kernel plan the workers used at this thread count (what `normswap int8-plan --model` prints), read
+    from the plan cache they wrote: per linear shape, the path per row-count bucket and the medians it was chosen
+    on. A shape missing from the cache (the workers' threads differed, or NORMSWAP_INT8_KERNEL forced a path) is
+    listed without a plan."""
+    import torch
+
+    from vllm_normswap.quant import cpu_plan
+    from vllm_normswap.quant.plan_cmd import model_shapes
+
+    rows = []
+    for name, (n, k) in model_shapes(cfg, lm_head=True).items():
+        plan = cpu_plan.cached_plan(n, k, 1, torch.bfloat16, threads)
+        rows.append({"layer": name, "n": n, "k": k, **({"buckets": dict(zip(cpu_plan.BUCKETS, plan.kernels)),
+                                                          "ms": plan.ms} if plan else {"buckets": None})})
+    return rows
+
+
+def plan_note(plans: dict) -> str:
+    """The plans in one sentence for the README table's notes."""
+    from vllm_normswap.quant.cpu_plan import BUCKETS
+
+    parts = []
+    for t, rows in plans.items():
+        cells = [f"{r['layer']} {'/'.join(r['buckets'].values())}" for r in rows if r["buckets"]]
+        parts.append(f"{t} thr: " + (", ".join(cells) or "not in the plan cache"))
+    return (f"int8 kernel plan (path per row bucket {' | '.join(BUCKETS)}, measured by the workers; result file "
+            f"key int8_plan): " + "; ".join(parts) + ".")
 
 
 def _tok_s(v: float) -> str:
@@ -624,11 +659,13 @@ def readme_table(result: dict) -> dict:
                          f"{'compiled' if result['compiled'] else 'eager'}, best of {result['rounds']})",
             "machine": f"{cpu['cores']}-core {cpu['model']}, worker threads bound to cores 0..N-1",
             "cpu_flags": " ".join(cpu["flags"]),
+            "date": result["date"],
             "notes": f"decode tok/s at each batch size and prefill tok/s of one 512-token prompt. {result['peer']}. "
                      f"Weight bytes against bf16's: {ratios}." + (
                          f" Where both read at the memory's speed (batch 1), int8 / bf16 is at most the ratio of the "
-                         f"bytes a decode step reads: {ceiling}." if ceiling else ""),
-            "columns": [""] + measures, "rows": rows}
+                         f"bytes a decode step reads: {ceiling}." if ceiling else "") + (
+                         f" {plan_note(result['int8_plan'])}" if result.get("int8_plan") else ""),
+            "columns": [""] + measures, "rows": rows, "int8_plan": result.get("int8_plan")}
 
 
 if __name__ == "__main__":

@@ -4,20 +4,19 @@
                                             [--seconds 0.15]
 
 For each weight shape, row count M and torch thread count: the median ms of
-- cpp: the compiled kernel (quant/csrc/int8_mm.cpp, the ISA path the dispatch uses);
-- old: the kernel the dispatch picks without it (NORMSWAP_INT8_KERNEL=numba: Numba GEMV / small-M, int8pack or
-  the block-dequantize GEMM), named in old_kernel;
+- cpp: the compiled kernel (quant/csrc/int8_mm.cpp, the ISA path it runs here);
+- dequant: int8 tiles widened in cache into the dense GEMM (quant/cpu_kernels.py), the compute-bound path;
+- int8pack (with --int8pack): torch's _weight_int8pack_mm, the decode path without a compiler;
 - bf16: vLLM's own CPU bf16 linear (dispatch_cpu_unquantized_gemm, as vLLM's UnquantizedLinearMethod sets it up
   and as benchmarks/bench_int8.py times it);
-and the ratios bf16/cpp and old/cpp (above 1: cpp is faster). Every call cycles through copies of the weight
-that together exceed the L3 cache (as in the engine, where each layer's weight comes from memory); warm-up calls
-are not timed. Shapes: hidden 2048, ffn 5632, full multi-head attention (bench_int8.py's default model).
+and the ratios PATH/cpp (above 1: cpp is faster); the plan a server would use is `normswap int8-plan`. Every call
+cycles through copies of the weight that together exceed the L3 cache (as in the engine, where each layer's
+weight comes from memory); warm-up calls are not timed. Shapes: hidden 2048, ffn 5632, full multi-head attention (bench_int8.py's default model).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -58,16 +57,20 @@ def main() -> int:
     ap.add_argument("--granularity", default="channel", choices=("channel", "group"))
     ap.add_argument("--seconds", type=float, default=0.15, help="timed seconds per figure (at least 3 calls)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false")
-    ap.add_argument("--no-old", dest="old", action="store_false")
+    ap.add_argument("--no-dequant", dest="dequant", action="store_false")
+    ap.add_argument("--int8pack", action="store_true", help="also time torch's int8pack (per-channel only)")
     a = ap.parse_args()
 
-    from vllm_normswap.quant import cpp_kernel, cpu_dispatch
+    from vllm_normswap.quant import cpp_kernel
+    from vllm_normswap.quant.cpu_kernels import dequant_mm, int8pack_mm
     from vllm_normswap.quant.primitives import quantize
 
     if cpp_kernel.loaded() is None:
         raise SystemExit("the compiled kernel did not build: see the warning above")
     isa = cpp_kernel.default_isa()
-    old_knobs = dataclasses.replace(cpu_dispatch.knobs(), kernel="numba")
+    others = {"dequant": dequant_mm} if a.dequant else {}
+    if a.int8pack and a.granularity == "channel":
+        others["int8pack"] = int8pack_mm
     rows = []
     for name in a.shapes.split(","):
         n, k = SHAPES[name]
@@ -83,12 +86,10 @@ def main() -> int:
                 row = {"shape": name, "n": n, "k": k, "m": m, "threads": threads}
                 row["cpp_ms"] = median_ms([lambda q=q, s=s: cpp_kernel.int8_mm(x, q, s, isa) for q, s in weights],
                                           a.seconds)
-                if a.old:
-                    old = cpu_dispatch.choose(x, weights[0][1], old_knobs)
-                    fn = cpu_dispatch.KERNELS[old]
-                    row["old_kernel"] = old
-                    row["old_ms"] = median_ms([lambda q=q, s=s: fn(x, q, s) for q, s in weights], a.seconds)
-                    row["old_over_cpp"] = row["old_ms"] / row["cpp_ms"]
+                for path, fn in others.items():
+                    row[f"{path}_ms"] = median_ms([lambda q=q, s=s, fn=fn: fn(x, q, s) for q, s in weights],
+                                                  a.seconds)
+                    row[f"{path}_over_cpp"] = row[f"{path}_ms"] / row["cpp_ms"]
                 if a.bf16:
                     row["bf16_ms"] = median_ms([lambda f=f: f(x) for f in bf16], a.seconds)
                     row["bf16_over_cpp"] = row["bf16_ms"] / row["cpp_ms"]

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from vllm_normswap.serve import CPU_KV_CACHE_GB
+
 GOAL = 0.97
 
 
@@ -54,7 +56,7 @@ def worker(spec: dict) -> dict:
 
 def run_setting(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
+                          env={"VLLM_CPU_KVCACHE_SPACE": CPU_KV_CACHE_GB, **os.environ})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_JSON ")]
     if proc.returncode or not lines:
         raise SystemExit(f"benchmark worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -31,7 +31,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BUDGET_S = 600  # the whole check must fit in 10 minutes of a short GPU loan
+BUDGET_S = 600  # the whole check must fit in a GPU for 10 minutes
 GRACE_S = 10
 FILE_SUFFIXES = (".py", ".sh")  # command arguments with these endings are repository files that must exist
 

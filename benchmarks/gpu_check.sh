@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check of normswap_int8: one prepared run for a short loan of one GPU (<= 10 minutes: the step limits
+# The GPU check of normswap_int8: one prepared run that fits a GPU for 10 minutes (the step limits
 # add up to 590 s). Everything lands as JSON under the output dir, summary.json first among them.
 #
 #   benchmarks/gpu_check.sh [--out DIR] [--venv DIR] [--steps a,b,...] [--dry-run]
 #
 # --out: default $OUT if set, else gpu_check_out/. --venv: the GPU environment, default .venv-gpu.
-# --steps: only these steps (e.g. the ones a previous loan did not reach; install is needed once per machine).
+# --steps: only these steps (e.g. the ones a previous run did not reach; install is needed once per machine).
 # --dry-run (CPU, CI): check that every file exists and every pytest selection collects, write the steps' JSON
 #   as planned, print the plan with its time limits; install nothing, run nothing heavy. PYTHON (default python3)
 #   runs the helper, and in a dry run collects the tests.
@@ -13,7 +13,7 @@
 # The steps, most informative first, and why each is there:
 #   gpu_info           nvidia-smi's GPU, driver and clocks: the figures below mean nothing without them.
 #   install            the CUDA vLLM wheel (scripts/install.sh gpu, test extras only): the CPU wheel has no GPU
-#                      kernels. Its duration says how much of the next loan is left for the rest.
+#                      kernels. Its duration says how much of the 10 minutes is left for the rest.
 #   versions           torch, CUDA and vLLM as installed, and which vLLM kernel the int8 layers get (Machete
 #                      on sm90, else Marlin): the kernel choice is the first thing that can go wrong.
 #   test_int8_vllm     the GPU path has never run: KL against bf16, offline checkpoint == online quantization
@@ -51,7 +51,7 @@ out=$(cd "$out" && pwd)
 rm -rf "$out/steps" "$out/summary.json"  # a previous run's step records would mix into this summary
 py="$venv/bin/python"
 
-# no network waits on the loaned machine: the models are local, and usage reports go nowhere
+# no network waits on the GPU machine: the models are local, and usage reports go nowhere
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 
 failed=0

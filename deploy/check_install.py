@@ -61,11 +61,10 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             sys.exit(f"check_install: the entrypoint fails for {option}:\n{proc.stderr.strip()}")
         argv_ = json.loads(proc.stdout)
-        config = Path(argv_[argv_.index("--config") + 1])
         overrides = json.loads(argv_[argv_.index("--hf-overrides") + 1])
-        if not config.is_file() or config.name != f"{option}.yaml":
-            sys.exit(f"check_install: {option} would start with config {config}: the package's serving_configs/ "
-                     f"(package data) is missing; install vllm-normswap from its wheel")
+        if overrides.get("expect_option") != option:  # set only by the option's serving config (package data)
+            sys.exit(f"check_install: {option} would start without its serving config ({overrides}): the "
+                     f"package's serving_configs/ (package data) is missing; install vllm-normswap from its wheel")
         if not overrides.get("normswap_observe"):
             sys.exit(f"check_install: {option} would start with the observer off: {overrides}")
         commands[option] = argv_[argv_.index("--model") + 1]

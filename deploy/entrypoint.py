@@ -2,13 +2,14 @@
 NormSwap option, activation observer on, configured by environment variables so that compose files and
 Kubernetes manifests need no shell quoting of JSON.
 
-    NORMSWAP_OPTION       ln-gelu | ln-swiglu | rms-gelu | rms-swiglu        (required)
+    NORMSWAP_OPTION       an option id (required; `normswap --help` lists them, from vllm_normswap/registry.py)
     NORMSWAP_MODEL        checkpoint directory (default: the option's embedded zoo model)
     NORMSWAP_INT8         1 = int8 weight-only linear layers (--quantization normswap_int8); default 0
     NORMSWAP_OBSERVE      the observer's config as JSON, e.g. '{"thresholds": [3, 6, 20]}'; 'off' disables it
                           (default: on with the observer's defaults)
     NORMSWAP_PROBE_SHIFT  mean-shift probe constant c added before the pre-FFN norm (default 0 = off)
     HOST, PORT            listen address (default 0.0.0.0:8000)
+    VLLM_API_KEY          the server's API key (vLLM reads it; keeps it off the command line: docs/security.md)
 Arguments are further vLLM server flags (e.g. --tensor-parallel-size 2 --enforce-eager); they win over the
 serving config. The server replaces this process (exec), so signals and the exit code are vLLM's own.
 """
@@ -20,7 +21,7 @@ import os
 import sys
 
 from vllm_normswap.registry import OPTIONS
-from vllm_normswap.serve import default_model, server_argv
+from vllm_normswap.serve import CPU_KV_CACHE_GB, default_model, server_argv
 
 
 def fail(message: str) -> None:
@@ -63,7 +64,7 @@ def main() -> None:
     if os.environ.get("NORMSWAP_PRINT_COMMAND") == "1":  # for the image's install check and for debugging
         print(json.dumps(argv))
         return
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # ignored by the GPU build
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GB)  # ignored by the GPU build
     os.execv(argv[0], argv)
 
 

@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+from vllm.utils.network_utils import get_open_port
 
 MONITORING = Path(__file__).resolve().parent
 REPO = MONITORING.parent
@@ -35,18 +35,6 @@ ENTRYPOINT = REPO / "deploy" / "entrypoint.py"
 THRESHOLDS = (1.0, 3.0, 6.0)  # the observer's |x| thresholds on the local servers
 WORDS = ("the model reads a token and writes the next one while the server counts every large activation "
          "in each layer of the network so that we can compare norms and activations side by side").split()
-
-
-def free_port(lo: int, hi: int) -> int:
-    """A free TCP port in [lo, hi] (the project's assigned ranges: vLLM 8300-8399, Prometheus 9390-9399)."""
-    for port in random.sample(range(lo, hi + 1), hi - lo + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 class Prometheus:
@@ -237,7 +225,7 @@ def main(argv=None) -> int:
     try:
         ncores = os.cpu_count() or 1
         for i, option in enumerate(args.options):  # started one at a time; each gets its own core(s)
-            s = option_server(option, models[option], free_port(8300, 8399), args.workdir, observe,
+            s = option_server(option, models[option], get_open_port(), args.workdir, observe,
                               args.probe_shift, [*window, *args.vllm_flags],
                               cores=core_share(i, len(args.options), ncores))
             servers.append(s)
@@ -245,7 +233,7 @@ def main(argv=None) -> int:
             urls[option] = s.url
             print(f"{option}: {s.url}", flush=True)
         targets = {o: u.removeprefix("http://") for o, u in urls.items()}
-        with Prometheus(targets, args.workdir, free_port(9390, 9399)) as prom:
+        with Prometheus(targets, args.workdir, get_open_port()) as prom:
             prom.wait_scraped(len(targets))
             print(f"prometheus: {prom.url}", flush=True)
             t0 = time.time()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a command as the AVX2-only machine kind would run it, on a CPU with AVX-512: every library that picks a
+# Run a command as an AVX2-only CPU would run it, on a CPU with AVX-512: every library that picks a
 # code path by ISA is held to AVX2. It emulates the instructions, not the cores (clock, caches, memory).
 #
 #   scripts/as_avx2.sh .venv/bin/python -m pytest -m "not slow" -n 2      # the test suite on AVX2 code paths

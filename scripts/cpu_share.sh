@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a command with the CPU time of CPUS cores while every core stays visible: a slower machine of the same
-# shape. With scripts/as_avx2.sh it stands in for the AVX2 machine kind, whose 2 cores ran this suite about 2x
-# slower than the AVX512-BF16 kind's:
+# shape. With scripts/as_avx2.sh it stands in for a 2-core AVX2-only CPU, which ran this suite about 2x slower
+# than a 2-core CPU with AVX512-BF16:
 #
 #   scripts/cpu_share.sh 1 scripts/as_avx2.sh .venv/bin/python -m pytest -m "not slow" -n 2
 #

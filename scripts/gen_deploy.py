@@ -74,6 +74,13 @@ spec:
         prometheus.io/port: "8000"
         prometheus.io/path: /metrics
     spec:
+      automountServiceAccountToken: false   # the server never talks to the Kubernetes API
+      securityContext:                      # the image's numeric non-root user (Dockerfile)
+        runAsNonRoot: true
+        runAsUser: 10001
+        runAsGroup: 10001
+        fsGroup: 10001
+        seccompProfile: {type: RuntimeDefault}
       containers:
         - name: vllm
           image: normswap-gpu:0.1.0
@@ -82,10 +89,19 @@ spec:
             - {name: NORMSWAP_OPTION, value: @id@}
             - {name: NORMSWAP_INT8, value: "1"}
             - {name: PORT, value: "8000"}
+            - {name: HOME, value: /home/normswap}
+            - {name: NUMBA_CACHE_DIR, value: /tmp/numba}
+            - name: VLLM_API_KEY            # guards /v1; /health and /metrics stay open for probes and Prometheus
+              valueFrom: {secretKeyRef: {name: normswap-api-key, key: NORMSWAP_API_KEY}}
           ports:
             - {name: http, containerPort: 8000}
+          securityContext:
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true    # vLLM writes only under HOME (caches) and /tmp: emptyDirs below
+            capabilities: {drop: [ALL]}
           resources:
-            limits: {nvidia.com/gpu: 1}
+            requests: {cpu: "4", memory: 16Gi}
+            limits: {cpu: "8", memory: 32Gi, nvidia.com/gpu: 1}
           startupProbe:                     # model load (and CUDA graph capture) before the first /health
             httpGet: {path: /health, port: http}
             periodSeconds: 10
@@ -99,9 +115,15 @@ spec:
             failureThreshold: 4
           volumeMounts:
             - {name: shm, mountPath: /dev/shm}
+            - {name: tmp, mountPath: /tmp}
+            - {name: home, mountPath: /home/normswap}
       volumes:
         - name: shm                         # vLLM's workers share memory (tensor parallel)
           emptyDir: {medium: Memory, sizeLimit: 2Gi}
+        - name: tmp                         # Prometheus multiprocess files, compile caches
+          emptyDir: {sizeLimit: 4Gi}
+        - name: home                        # ~/.cache (vLLM, torch, triton), ~/.config/vllm
+          emptyDir: {sizeLimit: 8Gi}
 ---
 apiVersion: v1
 kind: Service
@@ -143,7 +165,7 @@ SERVING_CONFIG = """\
 # vLLM OpenAI-compatible server config (keys are vLLM CLI flags). Start it with
 #   normswap serve @id@ [--model CHECKPOINT_DIR] [--int8]        # default checkpoint: the embedded zoo model
 # or copy this file (normswap serve @id@ --print-config > @id@.yaml) and run vLLM directly:
-#   python -m vllm.entrypoints.openai.api_server --config @id@.yaml --model DIR
+#   python -m vllm.entrypoints.launchers.api_server.entry --config @id@.yaml --model DIR
 # (on GPU: vllm serve DIR --config @id@.yaml). Command-line flags override these values.
 served-model-name: @id@
 dtype: bfloat16

@@ -31,7 +31,7 @@ if [ "$target" = cpu ]; then
     # ("operator torchvision::nms does not exist" at import); vLLM's text paths need none of them.
     "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
     # Build the compiled CPU int8 kernel now (~20 s, needs g++), not inside the first vLLM worker that uses it.
-    # Without a compiler the package still works on its Numba/torch kernels, and says so.
+    # Without a compiler the package still works on its pure-torch kernels, and says so.
     (cd / && "$venv/bin/python" -m vllm_normswap.quant.cpp_kernel) \
         || echo "warning: the compiled int8 kernel did not build (see above); int8 falls back to slower kernels" >&2
 fi

@@ -9,15 +9,16 @@ import tempfile
 
 import pytest
 
-from utils import OPTION_VARIANTS, make_checkpoint, shared_tokenizer  # noqa: F401  (make_checkpoint: tests/ab)
+from utils import (  # noqa: F401  (make_checkpoint: tests/ab)
+    KV_CACHE_GB, OPTION_VARIANTS, make_checkpoint, shared_tokenizer)
 from vllm_normswap.registry import OPTIONS
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GB)
 # The servers the tests start (directly, or through `normswap ab`) fork EngineCore and the worker instead of
 # spawning them (vllm_normswap/fast_start.py): a start no longer imports torch and vLLM three times over. The wheel
 # test (tests/test_wheel.py) runs the default, spawn, as a user's install does.
 os.environ.setdefault("NORMSWAP_FORK_ENGINE", "1")
-# ...and `python -m vllm.entrypoints.openai.api_server` servers are forked from a process per pytest worker that
+# ...and `python -m vllm.entrypoints.launchers.api_server.entry` servers are forked from a process per pytest worker that
 # imported vLLM once (vllm_normswap/forkserver.py), not started anew: about 9 s less CPU per server start.
 os.environ.setdefault("NORMSWAP_FORKSERVER", "1")
 

@@ -37,7 +37,7 @@ def test_serving_config_template_is_the_existing_configs_text(option):
 
 def test_servers_keep_their_ports_baseline_first():
     order = [o.id for o in gen_deploy.server_order(OPTIONS)]
-    assert order == ["ln-gelu", "ln-swiglu", "rms-gelu", "rms-swiglu"]  # :8001..:8004, as README states
+    assert order == ["ln-gelu", "ln-swiglu", "rms-gelu", "rms-swiglu"]  # :8001..:8004, as docs/monitoring.md states
 
 
 def test_a_stale_block_is_listed_and_rewritten(tmp_path):

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh, without a GPU: its dry run checks and prints the plan (files, pytest selections, time
-limits within the 10-minute loan), and its step runner records ok, failed and timed-out steps as JSON."""
+limits within 10 minutes of a GPU), and its step runner records ok, failed and timed-out steps as JSON."""
 
 from __future__ import annotations
 

@@ -56,8 +56,9 @@ def test_an_option_removed_from_the_registry_is_extra_everywhere():
     options = {k: v for k, v in OPTIONS.items() if k != "rms-gelu"}
     problems = check_files(options)
     files = sorted({p.split(":")[0] for p in problems})
-    assert files == sorted(["docker-compose.yml", "deploy/compose.gpu.yml", "deploy/k8s/locust.yaml",
-                            "deploy/k8s/servers.yaml", "monitoring/prometheus/targets/compose.yml",
+    assert files == sorted(["docker-compose.yml", "deploy/compose.gpu.yml", "deploy/k8s/ab-job.yaml",
+                            "deploy/k8s/locust.yaml", "deploy/k8s/servers.yaml",
+                            "monitoring/prometheus/targets/compose.yml",
                             f"{serving_dir(ROOT).relative_to(ROOT)}/rms-gelu.yaml"]), problems
     assert all("'rms-gelu'" in p or "rms-gelu:8000" in p for p in problems), problems
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import get_open_port, port_holders
+from utils import KV_CACHE_GB, get_open_port, port_holders
 from vllm_normswap.fast_start import ENV as FORK_ENV, FORK_LOG
 from vllm_normswap.vllm_server import VLLMServer
 
@@ -37,7 +37,7 @@ def installed(tmp_path_factory):
                    check=True, cwd=cwd, timeout=600)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
     # FORK_ENV=0: vLLM's default start (spawn), as after `pip install` (the rest of the suite forks: conftest.py)
-    env |= {"PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", FORK_ENV: "0"}
+    env |= {"PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1", "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GB, FORK_ENV: "0"}
     return target, env, cwd
 
 
@@ -103,7 +103,7 @@ def test_ab_from_the_wheel_writes_a_report(installed, tmp_path):
     help_text = subprocess.run([normswap(installed), "ab", "--help"], env=env, cwd=cwd, capture_output=True,
                                text=True, timeout=120, check=True).stdout
     out = tmp_path / "runs"
-    # the documented faster start (README, "Serving"), from the wheel's plugin entry point; serve above spawns
+    # the documented faster start (docs/serving.md), from the wheel's plugin entry point; serve above spawns
     proc = subprocess.run([normswap(installed), "ab", *ab_flags(help_text, out)], env={**env, FORK_ENV: "1"},
                           cwd=cwd, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -11,13 +11,17 @@ import functools
 import json
 import os
 import random
-import socket
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
+
+# vLLM's free-port helper, for every test. Importing vLLM here (conftest imports this module first) also settles
+# the variables vLLM's import sets in os.environ (TORCHINDUCTOR_*, ...) before any fork server starts: a later
+# in-process import would change them and make forkserver.get() start a second fork server.
+from vllm.utils.network_utils import get_open_port  # noqa: F401
 
 from vllm_normswap import forkserver
 from vllm_normswap.registry import OPTIONS
@@ -43,15 +47,8 @@ DEFAULT_VARIANT: dict = {}
 
 # ---- ports -----------------------------------------------------------------------------------------------------
 
-def get_open_port() -> int:
-    """A TCP port free right now (the OS picks it: bind to port 0). Tests never hard-code ports, so they can run
-    next to each other and next to a developer's own servers."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-free_port = get_open_port  # the name conftest used to export
+# get_open_port, imported above, is vLLM's own: a TCP port free right now (the OS picks it). Tests never hard-code
+# ports, so they can run next to each other and next to a developer's own servers.
 
 
 # ---- prompts ---------------------------------------------------------------------------------------------------
@@ -116,7 +113,7 @@ def metric_value(metrics: dict, name: str, **labels) -> float | None:
 # ---- servers ---------------------------------------------------------------------------------------------------
 
 class RemoteOpenAIServer(VLLMServer):
-    """``python -m vllm.entrypoints.openai.api_server`` for one option and checkpoint on a free port, started the
+    """vLLM's API server (``vllm_normswap.serve.ENTRYPOINT``) for one option and checkpoint on a free port, started the
     way ``normswap serve`` starts it (the option's serving config, ``hf_overrides`` merged, ``extra`` flags last).
 
         with RemoteOpenAIServer("ln-gelu", ckpt, tmp_path / "server.log", extra=["--enforce-eager"]) as server:

@@ -6,19 +6,25 @@ engine at a time; a TP run spawns worker processes, hence the __main__ guard).
         {"prompt_logprobs": [[...]], "greedy": [[...]]}
 SPECS: one SPEC or a list of them, run one after another (one engine each, one vLLM import for all):
 SPEC: {"model": dir, "prompts": [[ids]], "max_tokens": 32, "enforce_eager": true, "tp": 1, "dtype": "bfloat16",
-       "quantization": null, "hf_overrides": {}, "max_model_len": 512}
+       "quantization": null, "hf_overrides": {}, "max_model_len": 512, "gated_acts": {}}
+"gated_acts" adds {activation: gate function} to registry.GATED_ACTS first, as an edit of registry.py would: a new
+gated activation (tests/test_add_option.py). The engine must then run in this process (see in_process).
 """
 
 import gc
 import json
 import os
 import sys
-from pathlib import Path
 
 
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
+    if spec.get("gated_acts"):
+        from vllm_normswap import registry
+
+        assert in_process([spec]), "gated_acts reach only an engine in this process (tp 1, no Numba)"
+        registry.GATED_ACTS.update(spec["gated_acts"])
     llm = LLM(model=spec["model"], enforce_eager=spec.get("enforce_eager", True), dtype=spec.get("dtype", "bfloat16"),
               tensor_parallel_size=spec.get("tp", 1), max_model_len=spec.get("max_model_len", 512),
               quantization=spec.get("quantization"), hf_overrides=spec.get("hf_overrides") or None, seed=0)
@@ -38,31 +44,17 @@ def run(spec: dict) -> dict:
     return result
 
 
-def _int8(spec: dict) -> bool:
-    if spec.get("quantization") or "quantization_config" in (spec.get("hf_overrides") or {}):
-        return True
-    cfg = Path(spec["model"]) / "config.json"
-    return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
-
-
 def in_process(specs: list[dict]) -> bool:
-    """Engines in this process unless a spec needs vLLM's worker processes: tensor parallelism does, and so does
-    any run that may load Numba. Once llvmlite is loaded, vLLM 0.32's CPU worker cannot start in the process
-    (triton_utils/dispatcher.py calls vars(x).get on every module global; llvmlite's _lib_fn_wrapper breaks it),
-    and int8 loads Numba only where the compiled kernel is unavailable."""
-    if any(spec.get("tp", 1) != 1 for spec in specs):
-        return False
-    if not any(_int8(spec) for spec in specs):
-        return True
-    from vllm_normswap.quant import cpp_kernel
-
-    return os.environ.get("NORMSWAP_INT8_KERNEL", "auto") != "numba" and cpp_kernel.loaded() is not None
+    """Engines in this process unless a spec needs vLLM's worker processes: tensor parallelism does. (Nothing on
+    the engine's path may load Numba: once llvmlite is loaded, vLLM 0.32's CPU worker cannot start in the
+    process, as triton_utils/dispatcher.py calls vars(x).get on every module global and llvmlite's
+    _lib_fn_wrapper breaks it.)"""
+    return all(spec.get("tp", 1) == 1 for spec in specs)
 
 
 if __name__ == "__main__":
     specs = json.loads(sys.argv[1])
     specs = specs if isinstance(specs, list) else [specs]  # the output is a list either way
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # Engines in this process: with VLLM_ENABLE_V1_MULTIPROCESSING=0 vLLM's CPU platform runs EngineCore and
     # the worker here ("uni" executor) instead of spawning two processes that each import torch and vLLM again,
     # which is most of a tiny model's start-up. Tensor parallelism needs the worker processes (see in_process).

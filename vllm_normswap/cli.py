@@ -15,11 +15,16 @@ import importlib
 import os
 import sys
 
-DESCRIPTION = """\
+from vllm_normswap.registry import OPTIONS
+
+DESCRIPTION = f"""\
 Does swapping the pre-FFN LayerNorm for RMSNorm, and/or the FFN's GELU for SwiGLU, remove the activation outliers
 that make int8 weight-only quantization hurt quality, without losing throughput? normswap answers that for your
-model and your traffic, inside vLLM: serve any of the four options (ln-gelu, ln-swiglu, rms-gelu, rms-swiglu),
-bf16 or int8 weight-only, with per-layer outlier counters on /metrics, and run the whole A/B to a decision report.
+model and your traffic, inside vLLM: serve any of the options, bf16 or int8 weight-only, with per-layer outlier
+counters on /metrics, and run the whole A/B to a decision report.
+
+option ids (pre-FFN norm + FFN activation):
+{chr(10).join(f"  {o.id:<12} {o.norm_type} + {o.ffn_act}: {o.change}" for o in OPTIONS.values())}
 """
 
 EPILOG = """\
@@ -38,7 +43,10 @@ SUBCOMMANDS = {
     "quantize": ("vllm_normswap.checkpoints.quantize", "write an int8 weight-only (W8A16) checkpoint"),
     "convert": ("vllm_normswap.checkpoints.convert", "convert a GPT-2 / OPT / Llama checkpoint to NormSwap"),
     "zoo": ("vllm_normswap.checkpoints.zoo", "the embedded default models: build | path"),
+    "plant": ("vllm_normswap.checkpoints.plant", "copy a checkpoint with planted int8-breaking FFN outliers "
+                                                  "(the A/B's positive control)"),
     "ab": ("vllm_normswap.ab.run", "run the whole A/B and write the decision report"),
+    "int8-plan": ("vllm_normswap.quant.plan_cmd", "the CPU int8 kernel per layer shape and batch size, measured here"),
 }
 
 

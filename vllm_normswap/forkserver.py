@@ -1,7 +1,7 @@
 """Faster vLLM process starts: a fork server that imports vLLM once and forks a child per command line. Opt-in,
 NORMSWAP_FORKSERVER=1 (the test suite sets it; docs/environment.md has the figures).
 
-Why: importing ``vllm.entrypoints.openai.api_server`` costs about 13 s of CPU on a 2-core box, and a tiny model's
+Why: importing vLLM's API server costs about 13 s of CPU on a 2-core box, and a tiny model's
 server is healthy 0.5 s after the import ends. A process that starts many servers or offline engines (the test
 suite, ``normswap ab``) pays that import each time. Here it pays it once: the fork server imports vLLM, and each
 request forks a child that runs ``python -m MODULE ARGS`` or ``python SCRIPT ARGS`` from there, with vLLM's modules
@@ -32,10 +32,17 @@ import time
 from pathlib import Path
 
 ENV = "NORMSWAP_FORKSERVER"
-PRELOAD = "vllm.entrypoints.openai.api_server"  # imported once; it pulls in torch, vLLM's engine and its server
+# imported once: torch, vLLM's engine and its API server, i.e. what the server entrypoint
+# (vllm_normswap.serve.ENTRYPOINT) imports, but not the entrypoint module itself: runpy runs it as __main__ in the
+# child and warns ("found in sys.modules ... prior to execution") when it was imported already
+PRELOAD = ("vllm.engine.arg_utils", "vllm.v1.engine.async_llm", "vllm.entrypoints.launchers.api_server.app_state",
+           "vllm.entrypoints.launchers.app", "vllm.entrypoints.launchers.launcher",
+           "vllm.entrypoints.launchers.cli_args")
 # Variables read only after the import (when the engine is configured, the worker binds its threads, or our plugin
 # registers in the child), so a child may set them differently from the fork server. Anything else must match.
-LATE_READ = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "PYTEST_CURRENT_TEST")
+# VLLM_API_KEY: read when the app is built (vllm/entrypoints/serve/middleware/register.py), so each server forked
+# for the A/B gets its own random key.
+LATE_READ = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "PYTEST_CURRENT_TEST", "VLLM_API_KEY")
 LATE_READ_PREFIXES = ("NORMSWAP_",)  # our package reads its variables when the plugin registers, in the child
 
 
@@ -88,7 +95,12 @@ class ForkedProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self._server.request(op="poll", pid=self.pid)["returncode"]
+            try:
+                self.returncode = self._server.request(op="poll", pid=self.pid)["returncode"]
+            except (RuntimeError, OSError, ValueError):
+                # the fork server is gone (killed with its client's process group, say): its children were
+                # re-parented and are reaped by init, so "alive" is all there is to know; the status is lost
+                self.returncode = None if _alive(self.pid) else LOST_STATUS
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -110,13 +122,27 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+LOST_STATUS = -1  # the exit status of a child whose fork server died before reaping it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie ("Z") has exited: only its reaper is missing
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 class ForkServer:
     """The fork server process (``get()`` starts one per client process). Requests are JSON lines on
     its stdin, answers JSON lines on its stdout; a lock keeps one request in flight."""
 
     def __init__(self, env: dict):
+        # its own session: a Ctrl-C in the terminal (SIGINT to the foreground process group) must not kill it
+        # while the client still needs it to poll and stop the servers it forked; it exits when the client
+        # closes the pipe (EOF on its stdin), which also happens when the client dies
         self.proc = subprocess.Popen([sys.executable, "-m", "vllm_normswap.forkserver"], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
         self._lock = threading.Lock()
         self._ready = False
 
@@ -254,8 +280,12 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
-    __import__(PRELOAD)
-    _serve(requests, answers)
+    for module in PRELOAD:
+        __import__(module)
+    _serve(requests, answers)  # a forked child leaves through here by SystemExit, as `python -m` would
+    # EOF: the client is gone. Nothing here needs flushing, and tearing down the imported torch and vLLM takes
+    # seconds: exit now, so that no process of the client outlives it
+    os._exit(0)
 
 
 if __name__ == "__main__":

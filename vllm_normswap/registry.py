@@ -1,10 +1,10 @@
-"""The project's facts, each written once: the options, the observer's sites, its default thresholds, and the
-metric names. Everything else imports them; files that cannot import (YAML, JSON, k8s) are checked against this
-module by tests/test_registry_files.py.
+"""The project's facts, each written once: the options, the FFN activations and their gate functions, the
+observer's sites, its default thresholds, and the metric names. Everything else imports them; files that cannot
+import (YAML, JSON, k8s) are checked against this module by tests/test_registry_files.py.
 
 Imports nothing but the standard library, so the CLI, the checkpoint tools, the reference and the tests can all
-use it. To add an option, add one ``Option`` to ``OPTIONS``, then run scripts/gen_deploy.py (README "Adding an
-option").
+use it. To add an option, add one ``Option`` to ``OPTIONS``, then run scripts/gen_deploy.py
+(docs/adding-an-option.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Option:
     id: str  # the name users type, serving configs and served model names use
     case_study: int  # the option's number in the case study's table
     norm_type: str  # pre-FFN norm: one of NORM_TYPES
-    ffn_act: str  # FFN activation: one of FFN_ACTS
+    ffn_act: str  # FFN activation: one of ffn_acts()
     role: str  # which knob it turns relative to the baseline: one of ROLES
     change: str  # the change in words, as the decision states it
     color: str  # its colour in every plot (matplotlib name)
@@ -43,9 +43,16 @@ OPTIONS: dict[str, Option] = {o.id: o for o in (
 BASELINE = next(o.id for o in OPTIONS.values() if o.role == BASELINE_ROLE)
 
 NORM_TYPES = ("layernorm", "rmsnorm")
-# gelu = exact erf GELU (the case study's); gelu_tanh = GPT-2's approximation; relu only for converted OPT.
-FFN_ACTS = ("gelu", "gelu_tanh", "swiglu", "relu")
-GATED_ACTS = ("swiglu",)  # FFNs with a gate matrix: their width shrinks by 2/3 to keep the parameter count
+# The FFN activations. A pointwise FFN computes down(f(h W_up + b_up)), f named by the activation itself: gelu =
+# exact erf GELU (the case study's), gelu_tanh = GPT-2's approximation, relu only for converted OPT. A gated FFN
+# computes down(g(h W_gate + b_gate) * (h W_up + b_up)); GATED_ACTS maps it to its gate function g (SwiGLU: swish
+# = silu; a GeGLU would map to "gelu"). Its third matrix shrinks the width by 2/3 to keep the parameter count
+# (model/config.py, swiglu_width). The functions are named here, not written: model/ffn.py (vLLM) and
+# model/reference.py (the tests' independent truth) each write every name of POINTWISE_FNS on their own, and
+# each raises on a name it does not know.
+POINTWISE_ACTS = ("gelu", "gelu_tanh", "relu")
+GATED_ACTS: dict[str, str] = {"swiglu": "silu"}
+POINTWISE_FNS = (*POINTWISE_ACTS, "silu")
 # where epsilon goes: the case study writes (sigma + eps); most checkpoints use sqrt(var + eps).
 EPS_PLACEMENTS = ("outside_sqrt", "inside_sqrt")
 POSITION_TYPES = ("learned", "rope")
@@ -94,6 +101,12 @@ def check_choice(field: str, value, allowed) -> str:
             f"{', '.join(repr(a) for a in allowed)}. Fix config.json (or --hf-overrides) and restart."
         )
     return value
+
+
+def ffn_acts() -> tuple[str, ...]:
+    """Every FFN activation a config may name: the pointwise ones, then the gated ones (read at call time, so an
+    activation added to GATED_ACTS counts at once)."""
+    return (*POINTWISE_ACTS, *GATED_ACTS)
 
 
 def option_fields(option: str) -> dict[str, str]:

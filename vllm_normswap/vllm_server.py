@@ -2,7 +2,7 @@
 run it: start it in its own process group, wait until /health answers, stop it (SIGINT, then SIGKILL), keep its log.
 ``ServerFailed`` carries the tail of the log when the process dies (or never becomes healthy).
 
-With NORMSWAP_FORKSERVER=1, a ``python -m vllm.entrypoints.openai.api_server`` command line is forked from a process
+With NORMSWAP_FORKSERVER=1, a ``python -m MODULE`` command line (the server entrypoint) is forked from a process
 that imported vLLM once (``vllm_normswap.forkserver``) instead of started anew.
 
 The command line comes from elsewhere (``vllm_normswap.serve.server_argv``, ``deploy/entrypoint.py``).
@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from vllm_normswap import forkserver
+from vllm_normswap.serve import CPU_KV_CACHE_GB
 
 
 class VLLMServer:
@@ -31,7 +32,7 @@ class VLLMServer:
         self.port = port if port is not None else int(argv[argv.index("--port") + 1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {})}
-        self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GB)
         self.startup_timeout = startup_timeout
         self.cwd = cwd  # working directory of the server (None: this process's)
         self.proc: subprocess.Popen | forkserver.ForkedProcess | None = None
@@ -66,16 +67,27 @@ class VLLMServer:
         """For servers expected to fail: the exit code (raises TimeoutError if still running)."""
         return self.proc.wait(timeout=timeout)
 
+    def signal_group(self, sig: int) -> None:
+        """``sig`` to the server's process group (API server, EngineCore, workers); nothing if it is empty."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGINT to the group, SIGKILL after ``timeout`` s; then SIGKILL to whatever of the group outlived its
+        leader (an engine process that missed the shutdown), so that nothing of the server is left."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
+            self.signal_group(signal.SIGINT)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.signal_group(signal.SIGKILL)
                 self.proc.wait()
+        self.signal_group(signal.SIGKILL)
         self._log.close()
         return self.proc.returncode
 
@@ -88,6 +100,16 @@ class VLLMServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def stop_all(servers: list[VLLMServer], timeout: float = 30.0) -> None:
+    """Stop several servers at once: SIGINT to every group first, then wait for each (one shared deadline)."""
+    for s in servers:
+        if s.proc is not None and s.proc.poll() is None:
+            s.signal_group(signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    for s in servers:
+        s.stop(timeout=max(deadline - time.monotonic(), 0.1))
 
 
 class ServerFailed(RuntimeError):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ab_helpers import AB_ARGS, AB_OPTIONS, run_ab
+from ab_helpers import AB_ARGS, AB_OPTIONS, PASSTHROUGH_KEY, run_ab
 from utils import make_checkpoint
 
 
@@ -16,7 +16,7 @@ def ab(tmp_path_factory):
     argv = AB_ARGS + ["--out", str(root / "runs")]
     for o, path in ckpts.items():
         argv += ["--option", f"{o}={path}"]
-    proc, summary = run_ab(argv)
+    proc, summary = run_ab(argv + ["--", "--api-key", PASSTHROUGH_KEY])
     assert proc.returncode == 0 and summary, proc.stderr[-4000:]
     results = json.loads(Path(summary["results"]).read_text())
     return ckpts, results, Path(summary["run_dir"]), summary

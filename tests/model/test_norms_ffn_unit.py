@@ -237,7 +237,8 @@ def test_cli_help(monkeypatch, capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("command", ["serve", "params", "init", "quantize", "convert", "zoo", "ab"])
+@pytest.mark.parametrize("command", ["serve", "params", "init", "quantize", "convert", "zoo", "ab", "plant",
+                                     "int8-plan"])
 def test_cli_subcommand_help(command, monkeypatch, capsys):
     from vllm_normswap.cli import SUBCOMMANDS
 
@@ -250,4 +251,4 @@ def test_cli_subcommand_help(command, monkeypatch, capsys):
 def test_cli_knows_every_subcommand_here():
     from vllm_normswap.cli import SUBCOMMANDS
 
-    assert set(SUBCOMMANDS) == {"serve", "params", "init", "quantize", "convert", "zoo", "ab"}
+    assert set(SUBCOMMANDS) == {"serve", "params", "init", "quantize", "convert", "zoo", "ab", "plant", "int8-plan"}

@@ -189,7 +189,7 @@ def test_k8s_servers_services_scrape_and_locust_agree():
         assert dep["spec"]["replicas"] >= 2, "replicas behind one Service"
         assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert labels["app.kubernetes.io/instance"] == option
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["NORMSWAP_OPTION"] == option
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["http"] == int(env["PORT"])
@@ -229,6 +229,105 @@ def test_k8s_servers_services_scrape_and_locust_agree():
         assert (REPO / dep["spec"]["template"]["spec"]["containers"][0]["command"][0]).is_file()
 
 
+# ---- Hardened defaults (docs/security.md) ------------------------------------------------------------------------
+
+def _published(port: str) -> tuple[str, str]:
+    """(host address, host port) of a compose short-syntax port; no address = every interface."""
+    parts = str(port).split(":")
+    return (parts[0], parts[1]) if len(parts) == 3 else ("0.0.0.0", parts[0])
+
+
+def test_compose_publishes_nothing_on_all_interfaces_without_a_key():
+    services = compose()["services"]
+    for name, s in services.items():
+        env = s.get("environment", {})
+        keyed = "VLLM_API_KEY" in env and str(env["VLLM_API_KEY"]).startswith("${NORMSWAP_API_KEY:?")
+        for port in s.get("ports", []):
+            host, _ = _published(port)
+            assert host == "127.0.0.1" or keyed, f"{name}: {port} published on all interfaces without a key"
+    servers = [s for s in services.values() if "NORMSWAP_OPTION" in s.get("environment", {})]
+    assert servers and all("VLLM_API_KEY" in s["environment"] for s in servers)
+    # the locust workers send requests: they get the same key, by environment
+    assert services["locust-worker"]["environment"]["NORMSWAP_API_KEY"].startswith("${NORMSWAP_API_KEY:?")
+    assert not any("enable-lifecycle" in a for a in services["prometheus"]["command"])  # no POST /-/quit
+    graf = services["grafana"]
+    assert graf["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in graf["environment"]  # only in the uncommitted env file
+    env_file = graf["env_file"] if isinstance(graf["env_file"], str) else graf["env_file"][0]
+    assert (REPO / f"{env_file}.example").is_file() and "GF_SECURITY_ADMIN_PASSWORD=" in \
+        (REPO / f"{env_file}.example").read_text()
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert env_file in ignored and "deploy/k8s/api-key.env" in ignored
+    for s in services.values():
+        assert str(s.get("user", "10001")) not in ("0", "root"), "no container runs as root"
+
+
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_images_run_as_a_numeric_non_root_user(kind):
+    users = [args for op, args in dockerfile_instructions(DOCKERFILES[kind]) if op == "USER"]
+    assert users and users[-1].isdigit() and int(users[-1]) != 0, users
+
+
+def _pods() -> dict[str, dict]:
+    """Every pod template of deploy/k8s: Deployments and Jobs."""
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for docs in k8s_docs().values() for d in docs
+            if d["kind"] in ("Deployment", "Job")}
+
+
+def test_k8s_pods_are_locked_down_and_sized():
+    pods = _pods()
+    assert {"locust-master", "locust-worker", "normswap-ab", *OPTIONS} <= set(pods)
+    for name, pod in pods.items():
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{name}: a read-only root needs a writable /tmp"
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{name}: {kind}"
+
+
+def test_k8s_api_key_secret_reaches_servers_ab_and_workers():
+    kustom = k8s_docs()["kustomization.yaml"][0]
+    (secret,) = kustom["secretGenerator"]
+    assert (K8S / f"{secret['envs'][0]}.example").is_file() and not (K8S / secret["envs"][0]).exists()
+    key = (K8S / f"{secret['envs'][0]}.example").read_text().split("\n")[-2].split("=")[0]
+
+    def secret_env(pod) -> dict[str, dict]:
+        return {e["name"]: e["valueFrom"]["secretKeyRef"] for c in pod["containers"] for e in c["env"]
+                if "valueFrom" in e}
+
+    pods = _pods()
+    for name, var in [*((o, "VLLM_API_KEY") for o in OPTIONS), ("normswap-ab", "NORMSWAP_API_KEY"),
+                      ("locust-worker", "NORMSWAP_API_KEY")]:
+        assert secret_env(pods[name])[var] == {"name": secret["name"], "key": key}, name
+    for name, pod in pods.items():  # a key never on a command line
+        for c in pod["containers"]:
+            assert not any("api-key" in str(a) for a in c.get("args", []) + c.get("command", [])), name
+
+
+def test_k8s_network_policy_admits_only_prometheus_and_the_ab():
+    (policy,) = k8s_docs()["networkpolicy.yaml"]
+    servers = [d for d in k8s_docs()["servers.yaml"] if d["kind"] == "Deployment"]
+    sel = policy["spec"]["podSelector"]["matchLabels"]
+    assert all(sel.items() <= d["spec"]["template"]["metadata"]["labels"].items() for d in servers)
+    allowed = [f["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for f in rule["from"]]
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for docs in k8s_docs().values()
+            for d in docs if d["kind"] in ("Deployment", "Job")}
+    admitted = sorted(n for n, labels in pods.items() if any(a.items() <= labels.items() for a in allowed))
+    assert admitted == ["locust-worker", "normswap-ab"]  # and Prometheus, by its own label
+    assert {"app.kubernetes.io/name": "prometheus"} in allowed
+
+
+def test_k8s_locust_master_is_headless():
+    master = next(d for d in k8s_docs()["locust.yaml"] if d["metadata"]["name"] == "locust-master"
+                  and d["kind"] == "Deployment")
+    (c,) = master["spec"]["template"]["spec"]["containers"]
+    assert "--headless" in c["args"] and 8089 not in {p["containerPort"] for p in c["ports"]}
+
+
 # ---- What the images run ------------------------------------------------------------------------------------
 
 def entrypoint(env: dict) -> subprocess.CompletedProcess:
@@ -243,7 +342,10 @@ def test_entrypoint_dry_run_and_errors(tmp_path):
                        "NORMSWAP_INT8": "1", "NORMSWAP_OBSERVE": '{"thresholds": [6]}', "NORMSWAP_PROBE_SHIFT": "2"})
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(proc.stdout)
-    assert argv[argv.index("--config") + 1] == str(REPO / "vllm_normswap/serving_configs/rms-swiglu.yaml")
+    # the serving config's keys as flags, each once (vLLM warns about duplicate keys otherwise)
+    assert argv[1:3] == ["-m", "vllm.entrypoints.launchers.api_server.entry"] and "--config" not in argv
+    assert argv[argv.index("--max-logprobs") + 1] == "20" and argv.count("--served-model-name") == 1
+    assert argv[argv.index("--served-model-name") + 1] == "rms-swiglu-int8"
     assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--host") + 1] == "0.0.0.0"
     assert argv[argv.index("--quantization") + 1] == "normswap_int8" and argv[-1] == "--enforce-eager"
     overrides = json.loads(argv[argv.index("--hf-overrides") + 1])

@@ -7,7 +7,7 @@ started the way the images start it (deploy/entrypoint.py, observer on), traffic
   - Prometheus' stored counters equal the server's own /metrics, and the generated-token counter equals what
     the client received (requests x max_tokens, ignore_eos), an independent count;
   - the whole-run outlier-ratio rule equals outliers / elements computed in Python from /metrics;
-  - the README's PNG of the key panels renders from this Prometheus with data in every panel.
+  - docs/monitoring.md's PNG of the key panels renders from this Prometheus with data in every panel.
 One server (ln-gelu, small random checkpoint); about a minute on 2 cores.
 """
 
@@ -28,7 +28,7 @@ from local_stack import Prometheus, option_server, send_traffic  # noqa: E402
 from promql import dashboard_queries, dashboard_variables, substitute  # noqa: E402
 from render_panels import render  # noqa: E402
 
-from utils import get_open_port  # noqa: E402
+from utils import KV_CACHE_GB, get_open_port  # noqa: E402
 from vllm_normswap.ab import metrics as server_metrics  # noqa: E402
 
 pytestmark = [pytest.mark.server,
@@ -53,7 +53,7 @@ def stack(checkpoints, tmp_path_factory):
     server = option_server(OPTION, checkpoints[OPTION], get_open_port(), work,
                            observe={"thresholds": THRESHOLDS, "publish_interval_s": 1.0},
                            extra=["--enforce-eager", "--max-model-len", "512"])
-    server.env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    server.env["VLLM_CPU_KVCACHE_SPACE"] = KV_CACHE_GB
     try:
         server.start().wait_healthy()
         with Prometheus({OPTION: f"127.0.0.1:{server.port}"}, work, get_open_port()) as prom:

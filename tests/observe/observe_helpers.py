@@ -1,7 +1,7 @@
 """Helpers for the observer tests: run prompts through a real server, scrape /metrics, and compute the expected
 counters independently with the pure-torch reference (``ReferenceModel(capture=...)``) on the same tokens.
 
-"Exact" (documented in README 'Activation metrics'): the server runs in float32 and the reference in float32 on
+"Exact" (documented in docs/metrics.md): the server runs in float32 and the reference in float32 on
 the same weights; the two compute the same values up to float rounding (different matmul/attention kernels,
 ~1e-6 relative). A count can then only differ through elements whose |x| lies within that rounding of a
 threshold (or a token statistic within rounding of a bucket edge). The tests count those "ambiguous" elements

@@ -11,6 +11,7 @@ import pytest
 
 from observe_helpers import complete, observe_overrides, observe_prompts, sample, wait_for_elements
 from utils import VLLM_CLI, RemoteOpenAIServer, metrics_text, server_argv
+from vllm_normswap.serve import ENTRYPOINT
 
 pytestmark = pytest.mark.server
 OPTION = "ln-gelu"
@@ -31,7 +32,7 @@ def test_two_api_servers(checkpoints, tmp_path):
         # vLLM implements --api-server-count only in `vllm serve`; same flags, through the CLI shim
         cmd = server_argv(OPTION, str(ckpt), port, hf_overrides=observe_overrides(),
                           extra=[*EXTRA, "--api-server-count", "2"])
-        rest = cmd[cmd.index("vllm.entrypoints.openai.api_server") + 1:]
+        rest = cmd[cmd.index(ENTRYPOINT) + 1:]
         m = rest.index("--model")
         model = rest[m + 1]
         del rest[m:m + 2]

@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: vllm_off
 
 if __name__ == "__main__":
     specs = json.loads(sys.argv[1])
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships save_int8_state to the workers
     from vllm_offline import in_process
 
@@ -72,7 +71,7 @@ if __name__ == "__main__":
                                           for step in out.logprobs])
         if spec.get("dump_int8"):
             files = llm.apply_model(functools.partial(save_int8_state, path=f"{sys.argv[2]}.{len(results)}"))
-            result["int8"] = [torch.load(f, weights_only=False) for f in sorted(files)]  # one per TP rank
+            result["int8"] = [torch.load(f, weights_only=True) for f in sorted(files)]  # one per TP rank
         results.append(result)
         llm.llm_engine.engine_core.shutdown()  # stop the engine process now, not at interpreter teardown
         del llm

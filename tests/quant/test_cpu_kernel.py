@@ -1,147 +1,124 @@
-"""The CPU int8 matmul op (both its decode and prefill branches) against float64 x @ dequantize(W)^T."""
+"""Every CPU int8 path (cpp, dequant, int8pack) against float64 x @ dequantize(W)^T at odd shapes, on 1 and 2
+threads, directly and through torch.ops.normswap.int8_linear with the path forced (NORMSWAP_INT8_KERNEL);
+the knob itself. The measured plan that picks among them: test_cpu_plan.py.
+
+Tolerance: relative to max |y|, 0.01 (fp32/fp16/bf16 inputs, bf16 output rounding 2^-8 plus the compiled
+kernel's int16 activation step, at most 2^-15 of a block's max; test_cpp_kernel.py bounds it per element).
+"""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
 
-from vllm_normswap.quant import cpu_dispatch, cpu_kernels, cpu_op
+from vllm_normswap.quant import cpp_kernel, cpu_dispatch, cpu_kernels, cpu_op
 from vllm_normswap.quant.primitives import dequantize, quantize
 
+PATHS = [p for p in ("cpp", "dequant", "int8pack") if p != "cpp" or cpp_kernel.loaded() is not None]
+# (rows, N, K): odd N and K, 1 row to prefill-sized, tiles of dequant_mm that do not divide N
+SHAPES = [(1, 301, 96), (2, 3, 136), (3, 257, 520), (5, 33, 2050), (17, 1031, 64), (70, 129, 160), (300, 97, 1024)]
 
+
+def applies(path: str, k: int, groups: int) -> bool:
+    return path != "int8pack" or cpu_kernels.int8pack_applies(k, groups)
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def force(monkeypatch):
+    """force(path): NORMSWAP_INT8_KERNEL=path for this test (the knob is read once; cache cleared around it)."""
+    def set_path(path: str) -> None:
+        monkeypatch.setenv(cpu_dispatch.ENV, path)
+        cpu_dispatch.forced.cache_clear()
+
+    yield set_path
+    monkeypatch.undo()
+    cpu_dispatch.forced.cache_clear()
+
+
+def reference(x, q, scale, bias=None):
+    want = x.double() @ dequantize(q, scale.expand(q.shape[0], scale.shape[1]), torch.float64).t()
+    return want if bias is None else want + bias.double()
+
+
+def close(got, want, rel=0.01) -> bool:
+    return (got.double() - want).abs().max().item() <= rel * want.abs().max().item()
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("granularity", ["channel", "group"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, cpu_dispatch.knobs().decode_max_rows + 1, 300])
-def test_int8_linear_matches_dequantized_reference(granularity, rows):
-    g = torch.Generator().manual_seed(rows)
-    w = (torch.randn(384, 512, generator=g) * 0.05).to(torch.bfloat16)
-    q, scale = quantize(w, granularity, 128)
-    x = torch.randn(rows, 512, generator=g).to(torch.bfloat16)
-    bias = torch.randn(384, generator=g).to(torch.bfloat16)
-    want = x.double() @ dequantize(q, scale, torch.float64).t() + bias.double()
-    got = cpu_op.apply_int8_linear(x, q, scale, bias)  # through torch.ops.normswap.int8_linear
-    assert got.shape == (rows, 384) and got.dtype == torch.bfloat16
-    err = (got.double() - want).abs().max().item()
-    assert err < 0.02 * want.abs().max().item(), err  # bf16 output rounding (2^-8 relative) plus accumulation
+def test_every_path_matches_float64(path, granularity, threads):
+    for i, (m, n, k) in enumerate(SHAPES):
+        group = 32 if k % 32 == 0 else 8 if k % 8 == 0 else 2
+        if not applies(path, k, k // group if granularity == "group" else 1):
+            continue
+        g = torch.Generator().manual_seed(i)
+        q, scale = quantize((torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16), granularity, group)
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        got = cpu_dispatch.KERNELS[path](x, q, scale)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        assert close(got, reference(x, q, scale)), (path, granularity, m, n, k)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 300])
-def test_per_tensor_scale_of_one_element(rows):
-    """quantize(w, "tensor") gives one [1, 1] scale (the linear method stores it per row): every path takes it."""
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_path_takes_fp32_and_fp16_activations(path, dtype):
+    q, scale = quantize((torch.randn(257, 544) * 0.05).to(torch.bfloat16), "channel")
+    x = torch.randn(9, 544).to(dtype)
+    got = cpu_dispatch.KERNELS[path](x, q, scale.to(dtype))
+    assert got.dtype == dtype and close(got, reference(x, q, scale))
+
+
+def test_dequant_mm_keeps_the_weight_exact_per_channel():
+    """Per channel the scale goes on the output: fp32 activations give fp32 accuracy (no bf16 weight rounding)."""
+    q, scale = quantize(torch.randn(300, 256), "channel")
+    x = torch.randn(70, 256)
+    got = cpu_kernels.dequant_mm(x, q, scale)
+    assert close(got, reference(x, q, scale), rel=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_op_with_forced_path_bias_3d_and_per_tensor_scale(force, path, rows):
+    """Through torch.ops.normswap.int8_linear: bias, leading dims, and one [1, 1] per-tensor scale (every path
+    indexes the scale by row, so the op expands it)."""
+    force(path)
     g = torch.Generator().manual_seed(rows)
     q, scale = quantize((torch.randn(301, 128, generator=g) * 0.05).to(torch.bfloat16), "tensor")
     assert scale.shape == (1, 1)
-    x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)
-    want = x.double() @ dequantize(q, scale, torch.float64).t()
-    got = cpu_dispatch.int8_linear(x, q, scale, None)
-    assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
+    x = torch.randn(rows, 2, 128, generator=g).to(torch.bfloat16)
+    bias = torch.randn(301, generator=g).to(torch.bfloat16)
+    got = cpu_op.apply_int8_linear(x, q, scale, bias)
+    assert got.shape == (rows, 2, 301)
+    assert close(got.reshape(-1, 301), reference(x.reshape(-1, 128), q, scale, bias))
 
 
-def test_3d_input_keeps_leading_dims():
+def test_knob_reads_one_variable_and_names_the_choices(force):
+    force("dequant")
+    assert cpu_dispatch.forced() == "dequant"
     q, scale = quantize(torch.randn(64, 128).to(torch.bfloat16), "channel")
-    x = torch.randn(2, 3, 128).to(torch.bfloat16)
-    assert cpu_dispatch.int8_linear(x, q, scale, None).shape == (2, 3, 64)
+    assert cpu_dispatch.choose(torch.randn(3, 128).to(torch.bfloat16), q, scale) == "dequant"
+    force("auto")
+    assert cpu_dispatch.forced() is None
+    force("numba")
+    with pytest.raises(ValueError, match="auto, cpp, dequant, int8pack"):
+        cpu_dispatch.forced()
 
 
-@pytest.mark.parametrize("k", [8, 40, 136, 520])
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_input_size_not_multiple_of_32(k, rows):
-    """Odd input sizes (a TP shard can have one) must not reach torch's int8pack kernel, which reads out of bounds
-    there on AVX-512 CPUs: every path against float64."""
-    g = torch.Generator().manual_seed(k * 10 + rows)
-    q, scale = quantize((torch.randn(96, k, generator=g) * 0.05).to(torch.bfloat16), "channel")
-    for _ in range(5):  # out-of-bounds reads show up as garbage in some calls only
-        x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-        want = x.double() @ dequantize(q, scale, torch.float64).t()
-        got = cpu_dispatch.int8_linear(x, q, scale, None)
-        assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
-
-
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("n", [300, 301, 3])  # the GEMV deals rows in quarters; 301 and 3 leave rows over
-def test_numba_gemv_matches_int8pack_and_reference(rows, n):
-    """The batch-1 Numba GEMV (forced here for any row count) against float64 and against int8pack: same bf16
-    rounding of the same fp32 dot products, so at most one bf16 step apart."""
-    assert cpu_kernels.compiled_gemv() is not None, "numba ships with vLLM and must import here"
-    g = torch.Generator().manual_seed(rows * 1000 + n)
-    w = (torch.randn(n, 544, generator=g) * 0.05).to(torch.bfloat16)  # int8pack needs K % 32 == 0
-    q, scale = quantize(w, "channel")
-    x = torch.randn(rows, 544, generator=g).to(torch.bfloat16)
-    got = cpu_kernels.gemv_int8(x, q, scale)
-    want = x.double() @ dequantize(q, scale, torch.float64).t()
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-    assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
-    pack = torch.ops.aten._weight_int8pack_mm(x, q, scale.view(-1))
-    step = pack.double().abs().clamp(min=1e-3) * 2.0 ** -7  # one bf16 ulp (8 significant bits)
-    assert bool(((got.double() - pack.double()).abs() <= step).all())
-
-
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("group_size", [128, 64])
-def test_numba_gemv_per_group_matches_reference(rows, group_size):
-    """Per-group scales in the GEMV (each group's dot product scaled, then summed) against float64."""
-    g = torch.Generator().manual_seed(rows * 100 + group_size)
-    q, scale = quantize((torch.randn(301, 512, generator=g) * 0.05).to(torch.bfloat16), "group", group_size)
-    assert scale.shape == (301, 512 // group_size)
-    x = torch.randn(rows, 512, generator=g).to(torch.bfloat16)
-    got = cpu_kernels.gemv_int8(x, q, scale)
-    want = x.double() @ dequantize(q, scale, torch.float64).t()
-    assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
-
-
-@pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 8])
-@pytest.mark.parametrize("n,k", [(301, 512), (3, 40), (2050, 520)])
-def test_small_batch_kernels_match_reference(rows, n, k):
-    """2..8 rows: fours through mm4, a pair through mm2, a last row through the GEMV; odd N leaves rows over in
-    both kernels' stream split. Against float64, and against the GEMV row by row (same fp32 math, so at most one
-    bf16 step apart)."""
-    g = torch.Generator().manual_seed(rows * 7919 + n + k)
-    q, scale = quantize((torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16), "channel")
-    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-    got = cpu_kernels.small_m_int8(x, q, scale)
-    want = x.double() @ dequantize(q, scale, torch.float64).t()
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-    assert (got.double() - want).abs().max().item() < 0.01 * want.abs().max().item()
-    by_row = torch.cat([cpu_kernels.gemv_int8(x[i:i + 1], q, scale) for i in range(rows)])
-    step = by_row.double().abs().clamp(min=1e-3) * 2.0 ** -7
-    assert bool(((got.double() - by_row.double()).abs() <= step).all())
-
-
-def test_numba_paths_are_taken_only_where_they_apply(monkeypatch):
-    q, scale = quantize(torch.randn(64, 128).to(torch.bfloat16), "channel")
-    one = torch.randn(1, 128).to(torch.bfloat16)
-    k = dataclasses.replace(cpu_dispatch.knobs(), gemv="auto", kernel="numba")
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert cpu_dispatch.choose(one, scale, k) == "gemv"
-    assert cpu_dispatch.choose(torch.randn(2, 128).to(torch.bfloat16), scale, k) != "gemv"  # batch > 1
-    for rows, small in ((2, True), (k.small_m_max_rows, True), (k.small_m_max_rows + 1, False)):
-        assert cpu_dispatch.use_small_m(torch.randn(rows, 128).to(torch.bfloat16), scale, k) is small
-    assert cpu_dispatch.choose(one.float(), scale, k) == "int8pack"  # fp32 activations
-    assert cpu_dispatch.use_gemv(one, quantize(torch.randn(64, 128).to(torch.bfloat16), "group", 64)[1], k)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: k.gemv_max_threads)
-    assert cpu_dispatch.use_gemv(one, scale, k)  # one GEMV thread still beats int8pack on 2
-    assert not cpu_dispatch.use_small_m(torch.randn(2, 128).to(torch.bfloat16), scale, k)  # but not at M >= 2
-    monkeypatch.setattr(torch, "get_num_threads", lambda: k.gemv_max_threads + 1)
-    assert not cpu_dispatch.use_gemv(one, scale, k)  # int8pack's parallel loop wins with more threads
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert not cpu_dispatch.use_gemv(one, scale, dataclasses.replace(k, gemv="int8pack"))
-
-
-@pytest.mark.parametrize("var, value, field, allowed", [
-    ("NORMSWAP_INT8_GEMV", "int8pack", "gemv", "auto, numba, int8pack"),
-    ("NORMSWAP_INT8_KERNEL", "numba", "kernel", "auto, cpp, numba")])
-def test_dispatch_knobs_read_from_the_environment_on_demand(monkeypatch, var, value, field, allowed):
-    """The knobs are read when first needed, not at import; an unknown choice is refused naming the choices."""
-    monkeypatch.setenv("NORMSWAP_INT8_SMALL_M_MAX_ROWS", "4")
-    monkeypatch.setenv(var, value)
-    cpu_dispatch.knobs.cache_clear()
-    try:
-        assert cpu_dispatch.knobs().small_m_max_rows == 4 and getattr(cpu_dispatch.knobs(), field) == value
-        monkeypatch.setenv(var, "fast")
-        cpu_dispatch.knobs.cache_clear()
-        with pytest.raises(ValueError, match=allowed):
-            cpu_dispatch.knobs()
-    finally:
-        monkeypatch.undo()
-        cpu_dispatch.knobs.cache_clear()
+def test_forced_int8pack_refuses_a_layer_it_cannot_run(force):
+    """int8pack needs per-channel scales and K % 32 == 0 (it reads out of bounds otherwise): refused at load,
+    naming the layer shape and the fix, instead of garbage at the first forward."""
+    force("int8pack")
+    cpu_dispatch.check_forced(96, 2048, 1)
+    with pytest.raises(ValueError, match=r"\[96 x 520\].*NORMSWAP_INT8_KERNEL=auto"):
+        cpu_dispatch.check_forced(96, 520, 1)
+    with pytest.raises(ValueError, match="16 scale column"):
+        cpu_dispatch.check_forced(96, 2048, 16)

@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import load_file
 
 from quant.llama_ckpt import make_llama_checkpoint
-from utils import random_prompts, shared_tokenizer
+from utils import KV_CACHE_GB, random_prompts, shared_tokenizer
 from vllm_normswap import forkserver
 from vllm_normswap.checkpoints.quantize import quantize_checkpoint
 from vllm_normswap.quant.primitives import quantize
 
-KL_MAX = 0.01  # nats/token, issue acceptance (per-channel and per-group)
+KL_MAX = 0.01  # nats/token: the int8 method's quality bar (per-channel and per-group)
 RUNNER = Path(__file__).with_name("int8_runner.py")
 GROUP = 64
 TIE_MARGIN = 0.05  # logprob gap under which a different greedy pick is rounding, not a bug (the parity tolerance)
@@ -46,11 +46,11 @@ def prompts(n=3, vocab=512, seed=0):
 
 
 def run_int8(specs, out: Path, env_extra=None):
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env_extra or {})}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GB, **(env_extra or {})}
     proc = forkserver.run([sys.executable, str(RUNNER), json.dumps(specs), str(out)], env=env, timeout=1200)
     if proc.returncode != 0:
         raise AssertionError(f"runner failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
-    return torch.load(out, weights_only=False), proc.stdout + proc.stderr  # vLLM logs to stdout
+    return torch.load(out, weights_only=True), proc.stdout + proc.stderr  # vLLM logs to stdout
 
 
 def mean_kl(p_runs, q_runs) -> float:

@@ -15,7 +15,7 @@ from vllm_normswap.quant.primitives import (
     unpack_int32_to_int8,
 )
 
-SQNR_MIN_DB = 38.0  # issue acceptance: per-channel int8, every layer
+SQNR_MIN_DB = 38.0  # the int8 method's bar: per-channel int8, every layer
 
 
 def reference_quantize(w: torch.Tensor, block_rows: int, block_cols: int):

@@ -1,7 +1,7 @@
 """Bad checkpoints and serving configs, each made from a good random checkpoint by one edit, with the words its
 error message must contain: the tensor / field / file it names, and the fix it gives.
 
-Shared by the offline validator tests and the server start-up tests; the README table is generated from the
+Shared by the offline validator tests and the server start-up tests; the table in docs/troubleshooting.md comes from the
 server tests' messages (``python tests/robustness/bad_checkpoints.py`` prints the case list).
 """
 
@@ -23,7 +23,7 @@ WEIGHTS = "model.safetensors"
 @dataclass
 class Case:
     name: str
-    what: str  # the README table's first column
+    what: str  # the first column of docs/troubleshooting.md's table
     make: Callable[[Path, Path], Path]  # (good checkpoint, work dir) -> model dir to serve
     expect: list[str]  # substrings of the error message: what it names, and the fix
     serve_option: str = OPTION  # serving config to start with (expect_option case: another one)

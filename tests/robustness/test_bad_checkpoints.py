@@ -1,9 +1,9 @@
 """Bad checkpoints and serving configs stop the server before it serves, with a message naming the problem and
-the fix (issue: reliability; foundation acceptance: bad norm_type / missing tensor / wrong shape).
+the fix (at the least: a bad norm_type, a missing tensor, a tensor of the wrong shape).
 
 - offline: the pre-flight validator (model/checkpoint_format.py) and NormSwapArch on each case, no vLLM;
 - server: one real vLLM start per case (eager): the process must exit non-zero, /health must never answer 200,
-  and the log must hold the message. Set NORMSWAP_MESSAGES_OUT=FILE to collect the messages (README table).
+  and the log must hold the message. Set NORMSWAP_MESSAGES_OUT=FILE to collect the messages (the table in docs/troubleshooting.md).
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def test_offline_int8_wrong_granularity(checkpoints, tmp_path):
 
 
 # One server start per case costs ~20 s (up to ~60 s on a busy box). CI runs the four that cover each code path
-# (config validation, the pre-flight before any weight is read, the per-tensor value check, issue-2's trio);
-# the others take the same paths and are `slow`: the offline tests above check their messages on every run.
+# (config validation, the pre-flight before any weight is read, the per-tensor value check; a bad norm_type, a
+# missing tensor and a wrong shape among them); the others take the same paths and are `slow`: the offline tests
+# above check their messages on every run.
 FAST = {"bad_norm_type", "missing_tensor", "misshapen_tensor", "nan_weights"}
 SERVED = [c for c in CASES if c.name != "missing_dir"]  # a missing dir never reaches vLLM: see test_cli_* below
 

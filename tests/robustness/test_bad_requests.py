@@ -1,7 +1,7 @@
 """Bad requests against one real server while good traffic runs: each gets its 4xx (or, for a client that hangs
 up mid-stream, the stream simply ends), /health stays 200, no good request fails, and no counter on /metrics ever
 goes down (the observer's outlier counters and vLLM's own). The server runs with --api-key: /v1 needs it,
-/health and /metrics do not (vLLM leaves them open: README 'Security').
+/health and /metrics do not (vLLM leaves them open: docs/monitoring.md, 'Exposure').
 """
 
 from __future__ import annotations

@@ -24,14 +24,14 @@ import yaml
 
 from robustness_traffic import OPTION, GoodTraffic, bad, watch
 from observe.observe_helpers import complete, observe_prompts, sample, wait_for_elements
-from utils import RemoteOpenAIServer, health, metrics_text, server_argv
+from utils import KV_CACHE_GB, RemoteOpenAIServer, health, metrics_text, server_argv
 from vllm_normswap.serve import SERVING_CONFIGS
 
 pytestmark = pytest.mark.server
 HEALTH_FAIL_S = 10.0  # /health must stop answering 200 this soon after the engine dies
 EXIT_S = 60.0  # ... and the API server must be gone this soon (vLLM's watchdog checks every 5 s)
 ORPHANS_S = 30.0  # ... and every process it started gone this soon after
-ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+ENV = {"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GB}
 D = 128  # hidden size of the test checkpoints: elements per token at norm_in and ffn_out
 
 
@@ -55,7 +55,7 @@ def server(ckpt, log, env) -> RemoteOpenAIServer:
     def argv(port):
         cmd = server_argv(OPTION, str(ckpt), port,
                           extra=["--enforce-eager", "--max-model-len", str(bad.MAX_MODEL_LEN)])
-        if os.environ.get("ROBUSTNESS_SERVER_SHIM"):  # a script run in place of `-m vllm.entrypoints.openai.api_server`
+        if os.environ.get("ROBUSTNESS_SERVER_SHIM"):  # a script run in place of `-m ENTRYPOINT`
             cmd[1:3] = [os.environ["ROBUSTNESS_SERVER_SHIM"]]
         return cmd
     return RemoteOpenAIServer(OPTION, argv=argv, log_path=log, env=env)

@@ -26,8 +26,8 @@ sys.exit(int(sys.argv[1]))
 
 def test_command_lines_that_fork():
     py = sys.executable
-    assert forkserver.target([py, "-m", "vllm.entrypoints.openai.api_server", "--port", "1"]) == (
-        "module", "vllm.entrypoints.openai.api_server", ["--port", "1"])
+    assert forkserver.target([py, "-m", "vllm.entrypoints.launchers.api_server.entry", "--port", "1"]) == (
+        "module", "vllm.entrypoints.launchers.api_server.entry", ["--port", "1"])
     assert forkserver.target([py, __file__, "x"]) == ("path", __file__, ["x"])
     assert forkserver.target(["/usr/bin/env", "python", "-m", "x"]) is None  # another program
     assert forkserver.target([py, "-X", "dev", "-m", "x"]) is None  # interpreter options change the interpreter
@@ -36,7 +36,7 @@ def test_command_lines_that_fork():
 
 def test_environments_that_fork():
     base = {"PATH": "/bin", "OMP_NUM_THREADS": "2", forkserver.ENV: "1"}
-    late = {**base, "VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_CPU_OMP_THREADS_BIND": "0|1", "NORMSWAP_INT8_KERNEL": "numba"}
+    late = {**base, "VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_CPU_OMP_THREADS_BIND": "0|1", "NORMSWAP_INT8_KERNEL": "dequant"}
     assert forkserver.env_mismatch(late, base) == []
     # read when torch and vLLM are imported: a child forked after the import would not see the new value
     assert forkserver.env_mismatch({**base, "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "DEBUG"}, base) == [

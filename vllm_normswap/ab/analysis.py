@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from vllm_normswap.ab import metrics
+from vllm_normswap.ab import metrics, premise
 from vllm_normswap.ab.decision import PPL_MARGIN, REDUCTION, Evidence, Verdict, decide
 from vllm_normswap.registry import BASELINE, DECISION_SITE, DECISION_THRESHOLD, OPTIONS, SITES, TOKEN_HISTOGRAMS
 
@@ -111,10 +111,12 @@ def analyze(results: dict) -> dict:
         text.insert(1, "Probe check: the servers' μ(norm_out) matches the reference-model curve within "
                     + ", ".join(f"{o} {_fmt(v)}" for o, v in agreement.items())
                     + " (slopes use the reference curve, c grid from --probe-grid).")
+    prem = premise.analyze(results, main, tau)  # is the case study's problem here at all? (ab/premise.py)
+    text[:0] = premise.lines(prem, BASELINE, list(main))
     decision = {"verdict": verdict.verdict, "choice": verdict.choice, "tau": tau, "text": text,
                 "criteria": {o: vars(c) for o, c in verdict.criteria.items()}, "missing": verdict.missing}
     return {"tau": tau, "stats": stats, "probe": curves, "probe_reference": ref, "probe_agreement": agreement,
-            "decision": decision}
+            "decision": decision, **prem}
 
 
 def reference_curves(raw: dict, tau: float) -> dict[str, list[dict]]:

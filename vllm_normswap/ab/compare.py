@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vllm_normswap.ab import family
 from vllm_normswap.ab.loadstats import LATENCY_KEYS
 
 
@@ -52,6 +53,15 @@ def rows(a: dict, b: dict) -> list[dict]:
     return out
 
 
+def _family_note(a: dict, b: dict) -> str:
+    """Says when the two runs' load CIs carry different adjustments (a run from before ab/family.py: 95% each)."""
+    fa, fb = family.of(a), family.of(b)
+    if (fa or {}).get("method") == (fb or {}).get("method") and (fa or {}).get("size") == (fb or {}).get("size"):
+        return ""
+    say = [f"Holm over {f['size']} load ratios" if f else "95% each, unadjusted" for f in (fa, fb)]
+    return f"Load CIs: A {say[0]}, B {say[1]}; labels compare across different adjustments.\n\n"
+
+
 def compare_runs(run_a: str, run_b: str) -> int:
     a, b = _load(run_a), _load(run_b)
     table = rows(a, b)
@@ -62,7 +72,7 @@ def compare_runs(run_a: str, run_b: str) -> int:
                                         r["label_b"] or "–", "**yes**" if r["changed"] else "no"]) + " |")
     n = sum(r["changed"] for r in table)
     text = f"# normswap ab --compare\n\nA = {run_a}, B = {run_b}: {n} of {len(table)} rows changed.\n\n" + \
-        "\n".join(lines) + "\n"
+        _family_note(a, b) + "\n".join(lines) + "\n"
     print(text)
     (Path(run_b) / "compare.md").write_text(text)
     (Path(run_b) / "compare.json").write_text(json.dumps({"a": str(run_a), "b": str(run_b), "changed": n,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vllm_normswap.ab import auth
+
 LOAD_TESTS = Path(str(resources.files("vllm_normswap") / "load_tests"))  # package data: works from a wheel
 LOCUSTFILE = LOAD_TESTS / "locustfile.py"
 RATE_SWEEP = LOAD_TESTS / "rate_sweep.py"
@@ -33,6 +35,10 @@ def run_locust(url: str, workload_path, out_dir, users: int = 2, run_time_s: int
     env = {**os.environ, "NORMSWAP_WORKLOAD": str(workload_path), "NORMSWAP_RECORDS": str(out_dir / "records"),
            "NORMSWAP_SEED": str(seed), "NORMSWAP_MAX_REQUESTS": str(max_requests), "NORMSWAP_MODEL": model,
            "NORMSWAP_PER_USER_RATE": str(per_user_rate)}
+    # the key goes by environment, never argv: locust would show it in `ps` and log it with its options
+    env.pop(auth.ALL, None)
+    if auth.key(url):
+        env[auth.ALL] = auth.key(url)
     if rate_table:
         (out_dir / "rate_table.json").write_text(json.dumps(rate_table))
         env["NORMSWAP_RATE_TABLE"] = str(out_dir / "rate_table.json")

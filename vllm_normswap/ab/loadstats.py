@@ -13,6 +13,7 @@ reads "no difference".
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -58,13 +59,46 @@ def label(ci: dict | None, higher_is_better: bool) -> str:
 LATENCY_KEYS = ("throughput", "ttft_p50", "tpot_mean", "e2e_p50")  # the ratios reported, throughput first
 HIGHER_IS_BETTER = {"throughput": True, "ttft_p50": False, "tpot_mean": False, "e2e_p50": False}
 
-# two-sided 95% Student t quantiles by degrees of freedom (scipy is not a dependency)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+def t_abs_cdf(t, df: int):
+    """P(|T| <= t) for Student's t with integer df: the finite series of Abramowitz & Stegun 26.7.3 (odd df) and
+    26.7.4 (even df) in theta = atan(t / sqrt(df)); exact, and vectorised over t (scipy is not a dependency)."""
+    theta = np.arctan(np.abs(np.asarray(t, dtype=float)) / math.sqrt(df))
+    c2, s = np.cos(theta) ** 2, np.sin(theta)
+    term = total = 1.0  # broadcasts to theta's shape in the first product
+    if df % 2:  # 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ... ))
+        for k in range(1, (df - 1) // 2):
+            term = term * c2 * (2 * k) / (2 * k + 1)
+            total = total + term
+        return 2 / math.pi * (theta + (s * np.cos(theta) * total if df > 1 else 0.0))
+    for k in range(1, df // 2):  # sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... )
+        term = term * c2 * (2 * k - 1) / (2 * k)
+        total = total + term
+    return s * total
+
+
+def t_p_two_sided(t, df: int):
+    """Two-sided p-value of a t statistic."""
+    return 1.0 - t_abs_cdf(t, df)
+
+
+@functools.lru_cache(maxsize=4096)
+def t_quantile(alpha: float, df: int) -> float:
+    """The t with P(|T| > t) = alpha (so t_quantile(0.05, df) = t(0.975, df)), by bisection on t_abs_cdf."""
+    if not 0 < alpha < 1 or df < 1:
+        raise ValueError(f"t_quantile: need 0 < alpha < 1 and df >= 1, got alpha={alpha}, df={df}")
+    lo, hi = 0.0, 1.0
+    while t_p_two_sided(hi, df) > alpha:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_p_two_sided(mid, df) > alpha else (lo, mid)
+        if hi - lo <= 1e-12 * hi:
+            break
+    return (lo + hi) / 2
 
 
 def t975(df: int) -> float:
-    return _T975.get(df) or _T975[max(k for k in _T975 if k <= df)] if df < 30 else 1.96 + 2.4 / df
+    return t_quantile(0.05, df)
 
 
 def round_measures(records: list[dict]) -> dict[str, float] | None:
@@ -82,16 +116,19 @@ def round_measures(records: list[dict]) -> dict[str, float] | None:
             "e2e_p50": float(np.median([r["e2e"] for r in req]))}
 
 
-def paired_ratio(a: list[float], b: list[float]) -> dict | None:
-    """B ÷ A over paired rounds: geometric mean of the round ratios with a paired t CI on their logs."""
+def paired_ratio(a: list[float], b: list[float], alpha: float = 0.05) -> dict | None:
+    """B ÷ A over paired rounds: geometric mean of the round ratios with a paired t CI on their logs at level
+    1 - alpha, and what a family-wise adjustment (ab/family.py) needs to redo the CI at another level: the mean
+    and standard error of the log ratios, the degrees of freedom and the two-sided p-value of "ratio = 1"."""
     pairs = [(x, y) for x, y in zip(a, b) if x and y and x > 0 and y > 0]
     if len(pairs) < 2:
         return None
     logs = np.log([y / x for x, y in pairs])
-    half = t975(len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
-    m = logs.mean()
-    return {"value": float(math.exp(m)), "lo": float(math.exp(m - half)), "hi": float(math.exp(m + half)),
-            "rounds": len(pairs)}
+    m, se, df = float(logs.mean()), float(logs.std(ddof=1) / math.sqrt(len(logs))), len(logs) - 1
+    half = t_quantile(alpha, df) * se
+    p = float(t_p_two_sided(abs(m) / se, df)) if se > 0 else float(m == 0)
+    return {"value": math.exp(m), "lo": math.exp(m - half), "hi": math.exp(m + half), "rounds": len(pairs),
+            "log_mean": m, "log_se": se, "df": df, "p": p}
 
 
 def pair_ratios(rounds_a: list[list[dict]], rounds_b: list[list[dict]]) -> dict:

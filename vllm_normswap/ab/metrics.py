@@ -16,13 +16,17 @@ from collections import defaultdict
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from vllm_normswap.ab import auth
+
 from vllm_normswap.registry import ABSMAX, ELEMENTS, OUTLIERS, TOKEN_HISTOGRAMS
 
 HISTOGRAMS = tuple(TOKEN_HISTOGRAMS.values())
 
 
 def scrape(url: str) -> str:
-    r = requests.get(f"{url}/metrics", timeout=30)
+    # vLLM does not guard /metrics, but a proxy in front of a keyed server may: the key goes along
+    r = requests.get(f"{url}/metrics", headers=auth.headers(url), timeout=30)
+    auth.check(r, url)
     r.raise_for_status()
     return r.text
 
@@ -118,6 +122,26 @@ def to_jsonable(d: dict) -> dict:
             return {key(k): conv(x) for k, x in v.items()}
         return v
     return conv(d)
+
+
+def from_jsonable(d: dict) -> dict:
+    """The inverse of ``to_jsonable`` for a parsed scrape or a diff: "layer/site[/threshold]" -> tuples, bucket
+    bounds -> floats (``normswap ab --report`` re-renders a report from results.json)."""
+    def layer_site(k: str) -> tuple:
+        layer, site = k.split("/", 1)
+        return int(layer), site
+
+    def with_tau(k: str) -> tuple:
+        layer, site, tau = k.split("/")
+        return int(layer), site, float(tau)
+
+    out = dict(d)
+    out["outliers"] = {with_tau(k): v for k, v in d.get("outliers", {}).items()}
+    out["elements"] = {layer_site(k): v for k, v in d.get("elements", {}).items()}
+    out["absmax"] = {layer_site(k): v for k, v in d.get("absmax", {}).items()}
+    out["hist"] = {fam: {layer_site(k): {**h, "buckets": {float(le): c for le, c in h.get("buckets", {}).items()}}
+                         for k, h in series.items()} for fam, series in d.get("hist", {}).items()}
+    return out
 
 
 def outlier_rates(d: dict, site: str, threshold: float) -> dict[int, float]:

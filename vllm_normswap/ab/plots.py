@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from vllm_normswap.ab import metrics  # noqa: E402
 from vllm_normswap.ab.loadstats import LATENCY_KEYS  # noqa: E402
+from vllm_normswap.ab.premise import matrix  # noqa: E402
 from vllm_normswap.registry import OPTIONS, SITES, TOKEN_HISTOGRAMS  # noqa: E402
 
 COLORS = {o.id: o.color for o in OPTIONS.values()}
@@ -141,10 +143,48 @@ def serving(results, analysis) -> bytes | None:
     return _png(fig)
 
 
+def attribution(results, analysis) -> bytes | None:
+    """Per option: int8 KL per token with only one linear in int8, layer x linear (log scale; ab/attribution.py),
+    and beside it the observer's per-layer act_out outlier rate and mean per-token max |act_out| (bf16 server;
+    the fp32 reference's where the run has no observer)."""
+    att = {o: rows for o, rows in (analysis.get("attribution") or {}).items() if rows}
+    if not att:
+        return None
+    fig, axes = plt.subplots(len(att), 2, figsize=(13, 2.6 * len(att) + 0.6), squeeze=False)
+    for (ax, ax2), (o, rows) in zip(axes, att.items()):
+        layers, linears, m = matrix(rows)
+        im = ax.imshow(np.log10(np.maximum(m, 1e-12)), aspect="auto", cmap="magma")
+        ax.set_xticks(range(len(linears)), linears, fontsize=8)
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+        ax.set_ylabel(f"{o}\nlayer")
+        fig.colorbar(im, ax=ax, label="log10 KL(bf16‖int8) / token")
+        det = analysis["attribution_detail"][o]
+        obs, ref = det.get("act_out_observer") or {}, det["act_out_reference"]
+        rate = {int(k): v for k, v in obs.get("rate", {}).items()} or dict(enumerate(ref["rate"]))
+        peak = {int(k): v for k, v in obs.get("token_absmax", {}).items()} or dict(enumerate(ref["token_absmax"]))
+        src = "observer" if obs.get("rate") else "fp32 reference"
+        ax2.plot(list(rate), list(rate.values()), "o-", color=COLORS.get(o),
+                 label=f"act_out rate |x|>{analysis['tau']:g} ({src})")
+        positive = [v for v in rate.values() if v and v > 0]  # symlog: a layer without outliers shows as 0
+        ax2.set_yscale("symlog", linthresh=min(positive) / 2 if positive else 1e-6)
+        ax2.set_xlabel("layer")
+        ax2.set_xticks(sorted(rate))
+        twin = ax2.twinx()
+        twin.plot(list(peak), list(peak.values()), "s--", color="gray", label="mean per-token max |act_out|")
+        c = det.get("correlation")
+        ax2.set_title("Spearman ρ(down_proj KL, act_out rate) = " + (
+            f"{c['rho']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]" if c and c["rho"] is not None and c["lo"] is not None
+            else "n/a"), fontsize=9)
+        ax2.legend(fontsize=7, loc="upper left")
+        twin.legend(fontsize=7, loc="upper right")
+    return _png(fig)
+
+
 FIGURES = {
     "Outlier rate per layer, by site and option (bf16, quality documents)": outlier_rates,
     "Token-mean μ histograms at norm_in / norm_out (bf16)": token_means,
     "Mean-shift probe": probe,
     "int8 vs bf16 quality, against the precision floor (fp32 vs bf16)": quality,
     "Throughput and latency, int8 ÷ bf16 with CIs, and every round": serving,
+    "int8 attribution: KL per layer x linear, beside the act_out outliers per layer": attribution,
 }

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import requests
 
+from vllm_normswap.ab import auth
+
 SEED = 1234  # lm-eval's default request seed
 
 
@@ -41,14 +43,16 @@ class ScoredDoc:
 
 def tokenize(url: str, model: str, text: str) -> list[int]:
     r = requests.post(f"{url}/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False},
-                      timeout=60)
+                      headers=auth.headers(url), timeout=60)
+    auth.check(r, url)
     r.raise_for_status()
     return r.json()["tokens"]
 
 
 def model_info(url: str) -> dict:
     """First served model: {"id", "max_model_len", ...} from /v1/models."""
-    r = requests.get(f"{url}/v1/models", timeout=30)
+    r = requests.get(f"{url}/v1/models", headers=auth.headers(url), timeout=30)
+    auth.check(r, url)
     r.raise_for_status()
     data = r.json()["data"]
     if not data:
@@ -83,7 +87,8 @@ def score(url: str, model: str, docs: list[list[int]], top_k: int = 20, batch: i
         idx = order[start:start + batch]
         payload = {"model": model, "prompt": [docs[i] for i in idx], "temperature": 0, "max_tokens": 1,
                    "logprobs": top_k, "seed": SEED, "echo": True, "return_tokens_as_token_ids": True}
-        r = s.post(f"{url}/v1/completions", json=payload, timeout=600)
+        r = s.post(f"{url}/v1/completions", json=payload, headers=auth.headers(url), timeout=600)
+        auth.check(r, url)
         if r.status_code != 200:
             raise RuntimeError(f"/v1/completions answered {r.status_code}: {r.text[:500]}")
         choices = sorted(r.json()["choices"], key=lambda c: c["index"])
@@ -184,20 +189,26 @@ def reference_scores(checkpoint, docs: list[list[int]], top_k: int = 20, ctxlen:
     from vllm_normswap.checkpoints.io import load_reference
 
     model = load_reference(checkpoint)
-    out = []
     with torch.no_grad():
-        for ids in docs:
-            logp = model.forward(torch.tensor(ids)).float().log_softmax(-1)[:-1]  # position t predicts ids[t + 1]
-            target = torch.tensor(ids[1:])
-            token_lp = logp.gather(-1, target[:, None])[:, 0]
-            top_v, top_i = logp.topk(top_k, -1)
-            tops = []
-            for t in range(ctxlen - 1, len(ids) - 1):
-                top = dict(zip(top_i[t].tolist(), top_v[t].tolist()))
-                top[int(target[t])] = float(token_lp[t])  # the server's top-k also carries the actual token
-                tops.append(top)
-            out.append(ScoredDoc(token_lp[ctxlen - 1:].tolist(), tops))
-    return out
+        # position t predicts ids[t + 1]
+        return [scored_doc(model.forward(torch.tensor(ids)).float().log_softmax(-1)[:-1], ids, top_k, ctxlen)
+                for ids in docs]
+
+
+def scored_doc(logp, ids: list[int], top_k: int = 20, ctxlen: int = 1) -> ScoredDoc:
+    """One document in the server's format from log-probabilities ``logp`` [len(ids) - 1, vocab] (row t predicts
+    ids[t + 1]): the actual tokens' logprobs, and at each position the top-k by id plus the actual token."""
+    import torch
+
+    target = torch.tensor(ids[1:])
+    token_lp = logp.gather(-1, target[:, None])[:, 0]
+    top_v, top_i = logp.topk(top_k, -1)
+    tops = []
+    for t in range(ctxlen - 1, len(ids) - 1):
+        top = dict(zip(top_i[t].tolist(), top_v[t].tolist()))
+        top[int(target[t])] = float(token_lp[t])  # the server's top-k also carries the actual token
+        tops.append(top)
+    return ScoredDoc(token_lp[ctxlen - 1:].tolist(), tops)
 
 
 def perplexity(docs: list[ScoredDoc]) -> float:

@@ -16,9 +16,9 @@ With --endpoint NAME=URL nothing is started: the same steps run against servers 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -29,11 +29,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_normswap.ab import loadgen, loadstats, metrics, quality
+from vllm_normswap.ab import auth, family, loadgen, loadstats, metrics, quality, record
 from vllm_normswap.ab.servers import ServerRun, ServerSpec, free_port, log_errors, wait_quiet
 from vllm_normswap.ab.warmup import warm_up
 from vllm_normswap.ab.workload import build_workload
 from vllm_normswap.registry import BASELINE, NORM_ROLE, OPTIONS, PRECISIONS, parse_list
+from vllm_normswap.vllm_server import stop_all
 
 
 def _list_of(flag: str, allowed):
@@ -50,6 +51,22 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of numbers, e.g. 0,2,4") from None
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of layer indices, e.g. 0,2") from None
+    if any(i < 0 for i in layers):
+        raise argparse.ArgumentTypeError(f"{text!r}: layer indices start at 0")
+    return layers
+
+
+def _count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return int(text)
 
 
 def _pair(flag: str):
@@ -72,8 +89,15 @@ def add_arguments(p) -> None:
     g.add_argument("--endpoint", action="append", default=[], type=_pair("--endpoint"), metavar="NAME=URL",
                    help="measure a server that already runs (repeatable; NAME is OPTION-PRECISION, e.g. "
                         "ln-gelu-bf16=http://host:8000); nothing is started")
+    g.add_argument("--aa", action="store_true",
+                   help="A/A run: each option's bf16 server against a second bf16 server of the same configuration "
+                        "(OPTION-bf16-aa) in place of int8, everything else unchanged; every load label should read "
+                        "'no difference' (docs/ab-error-rates.md)")
     g.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                    help="compare two report folders (runs/<timestamp>) and exit: which labels and ratios changed")
+    g.add_argument("--report", metavar="RUN",
+                   help="re-render report.md, report.html and figures/ from RUN/results.json and exit (an "
+                        "interrupted run, or one whose report failed)")
     q = p.add_argument_group("quality")
     q.add_argument("--docs", type=int, default=64, help="held-out documents for the quality eval")
     q.add_argument("--doc-tokens", type=int, default=256, help="tokens per document (incl. the prefix token)")
@@ -105,6 +129,13 @@ def add_arguments(p) -> None:
     pr.add_argument("--probe-grid", default=[0.0, 1.0, 2.0, 4.0, 8.0, 16.0], type=_floats,
                     help="c values of the reference-model probe curve")
     pr.add_argument("--probe-layers", default="", help="layers the probe shifts (comma list; default all)")
+    at = p.add_argument_group("int8 attribution (in-process, docs/attribution.md)")
+    at.add_argument("--attribution", choices=("on", "off"), default="on",
+                    help="per-linear int8 KL with the fp32 reference model, after the servers (off: large models)")
+    at.add_argument("--attribution-layers", default=[], type=_layer_list, metavar="L,L",
+                    help="only these layers' linears, e.g. 0,2 (default all; the all-int8 total is always whole)")
+    at.add_argument("--attribution-docs", type=_count, default=32, metavar="N",
+                    help="the first N quality documents (0 = all); cost ~ forward passes x documents")
     s = p.add_argument_group("servers")
     s.add_argument("--seed", type=int, default=0, help="workload seed")
     s.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM -tp for every server")
@@ -114,7 +145,16 @@ def add_arguments(p) -> None:
     s.add_argument("--parallel-starts", type=int, default=0,
                    help="servers started together (0: 2 on CPU with >= 12 GB free memory, 1 with a GPU)")
     s.add_argument("--out", default="runs", help="parent directory of runs/<timestamp>/")
-    p.epilog = "Further vLLM server flags go after --, e.g.  -- --device cuda --gpu-memory-utilization 0.5"
+    p.epilog = ("Further vLLM server flags go after --, e.g.  -- --device cuda --gpu-memory-utilization 0.5\n"
+                "API keys (docs/security.md): --endpoint NAME uses $NORMSWAP_API_KEY_<NAME> (e.g. "
+                "NORMSWAP_API_KEY_LN_GELU_INT8), else $NORMSWAP_API_KEY, else $OPENAI_API_KEY; servers started here "
+                "get a random key. Ctrl-C / SIGTERM: servers stopped, results.json kept, exit 130.")
+
+
+INTERRUPT_STOP_S = 5.0  # on Ctrl-C / SIGTERM: SIGINT to every server, SIGKILL to what is left after this
+
+
+B_SIDE = {False: "int8", True: "bf16-aa"}  # the B side of every comparison: int8, or in an A/A run a bf16 copy
 
 
 @dataclass
@@ -175,6 +215,9 @@ def targets(args, extra: list[str]) -> tuple[list[list[Target]], list[Target], d
     """Measured groups (an option's precisions together), probe servers, checkpoints. Exits 2 on bad input."""
     ckpts = _checkpoints(args)
     if args.endpoint:
+        if getattr(args, "aa", False):
+            raise SystemExit("--aa starts its two servers per option itself; it cannot be combined with --endpoint "
+                             "(drop --endpoint, or drop --aa)")
         eps = _endpoint_targets(args)
         groups = [[t for t in eps if t.option == o] for o in dict.fromkeys(t.option for t in eps)]
         return groups, [], ckpts
@@ -182,6 +225,12 @@ def targets(args, extra: list[str]) -> tuple[list[list[Target]], list[Target], d
     options = list(ckpts)
     groups = [[Target(f"{o}-{p}", o, p, spec=ServerSpec(o, ckpts[o], p, extra=extra)) for p in args.precisions]
               for o in options]
+    if getattr(args, "aa", False):  # A/A: the int8 side becomes a second bf16 server (record precision "bf16-aa")
+        if args.precisions != list(PRECISIONS):
+            raise SystemExit("--aa measures bf16 against a second bf16 server; --precisions does not apply (drop it)")
+        groups = [[Target(f"{o}-bf16", o, "bf16", spec=ServerSpec(o, ckpts[o], "bf16", extra=extra)),
+                   Target(f"{o}-bf16-aa", o, "bf16-aa", spec=ServerSpec(o, ckpts[o], "bf16", extra=extra, tag="aa"))]
+                  for o in options]
     probes = [Target(f"{o}-bf16-probe{c:g}", o, "bf16", c, spec=ServerSpec(o, ckpts[o], "bf16", c, layers,
                                                                                 extra=extra))
               for o in (probe_options(args, options) if args.probe_shifts else []) for c in args.probe_shifts]
@@ -219,6 +268,8 @@ class Runner:
         self.last_scrape: dict[str, dict] = {}  # run name -> /metrics after its quality eval
         self.next_port = args.port
         self.pids: dict[str, int] = {}  # run name -> server process of the current group (for wait_quiet)
+        self.current: dict[str, dict] = {}  # the records of the group being measured (saved if interrupted)
+        self.checkpoint = lambda: None  # called after every phase: writes results.json (set by run())
 
     def port(self) -> int:
         if not self.next_port:
@@ -231,6 +282,7 @@ class Runner:
     def group(self, group: list[Target], load: bool) -> list[dict]:
         recs = {t.name: {"name": t.name, "option": t.option, "precision": t.precision, "probe_shift": t.probe_shift,
                          **({"url": t.url} if t.url else {"checkpoint": t.spec.model})} for t in group}
+        self.current = recs
         runs = self._start(group, recs)
         self.pids = {name: run.pid for name, run in runs.items() if run.pid}  # --endpoint servers have none
         try:
@@ -241,11 +293,14 @@ class Runner:
             if load:
                 live = [t for t in live if recs[t.name].get("status") != "failed"]
                 self._step_all(live, recs, lambda: self._load(live, recs))
+        except BaseException:  # interrupted: every server down at once, quickly
+            stop_all([run.server for run in runs.values()], timeout=INTERRUPT_STOP_S)
+            raise
         finally:
-            for run in runs.values():
-                run.stop()
+            stop_all([run.server for run in runs.values()])
         for r in recs.values():
             r.setdefault("status", "ok")
+        self.current = {}
         return list(recs.values())
 
     def _start(self, group: list[Target], recs: dict) -> dict[str, ServerRun]:
@@ -255,8 +310,10 @@ class Runner:
                 continue
             rec = recs[t.name]
             try:
-                run = ServerRun(t.spec, self.port(), self.dir / "logs")
-                rec["command"], rec["log"] = run.argv, str(run.log.relative_to(self.dir))
+                # a fresh key per server, in memory only (an --api-key passed through after -- wins in vLLM)
+                run = ServerRun(t.spec, self.port(), self.dir / "logs",
+                                api_key=auth.argv_key(t.spec.extra) or auth.new_key())
+                rec["command"], rec["log"] = auth.redact_argv(run.argv), str(run.log.relative_to(self.dir))
                 runs[t.name] = run.start()
             except Exception as e:
                 self._failed(rec, e)
@@ -269,14 +326,21 @@ class Runner:
             except Exception as e:
                 return name, e
 
-        with ThreadPoolExecutor(max(len(runs), 1)) as pool:
+        pool = ThreadPoolExecutor(max(len(runs), 1))
+        try:
             for name, url in pool.map(wait, runs.items()):
                 t = next(t for t in group if t.name == name)
                 if isinstance(url, Exception):
                     self._failed(recs[name], url)
                 else:
                     t.url = url
+                    auth.register(url, runs[name].api_key, "the key normswap ab gave the server it started")
                     recs[name]["startup_s"] = runs[name].startup_s
+        except BaseException:  # interrupted while the servers start: stop them, so the waiting threads end
+            stop_all([run.server for run in runs.values()], timeout=INTERRUPT_STOP_S)
+            raise
+        finally:
+            pool.shutdown(wait=True)
         self.timing["startup"] += time.monotonic() - t0
         return runs
 
@@ -290,6 +354,8 @@ class Runner:
             self._failed(rec, e)
         if phase:
             self.timing[phase] += time.monotonic() - t0
+        rec.setdefault("phases_done", []).append(phase or "warmup")
+        self.checkpoint()
 
     def _step_all(self, live, recs, fn) -> None:
         t0 = time.monotonic()
@@ -299,6 +365,9 @@ class Runner:
             for t in live:
                 self._failed(recs[t.name], e)
         self.timing["load"] += time.monotonic() - t0
+        for t in live:
+            recs[t.name].setdefault("phases_done", []).append("load")
+        self.checkpoint()
 
     def _warm(self, t: Target, rec: dict) -> None:
         model = quality.model_info(t.url)["id"]
@@ -352,6 +421,8 @@ class Runner:
                 if not records:
                     raise RuntimeError(f"locust produced no requests (exit {proc.returncode}); see {d / 'locust.log'}")
                 self.rounds[t.name].append(records)
+                recs[t.name]["load_rounds_done"] = len(self.rounds[t.name])  # per-request records: load/NAME/
+                self.checkpoint()
                 done[t.name] += len(loadstats.steady_requests(records))
             rounds += 1
         for t in live:
@@ -433,7 +504,8 @@ class Runner:
         out = {}
         for option in dict.fromkeys(r["option"] for r in runs):
             c: dict = {}
-            bf16, int8, fp32 = f"{option}-bf16", f"{option}-int8", f"{option}-fp32"
+            bf16, int8, fp32 = f"{option}-bf16", f"{option}-{B_SIDE[bool(getattr(self.args, 'aa', False))]}", \
+                f"{option}-fp32"
             s = self.scored
             if bf16 in s and int8 in s:
                 c["int8_vs_bf16"] = quality.summarize(s[bf16], s[int8])
@@ -453,6 +525,7 @@ class Runner:
             if self.rounds.get(bf16) and self.rounds.get(int8):
                 c["load"] = loadstats.pair_ratios(self.rounds[bf16], self.rounds[int8])
             out[option] = c
+        family.adjust(out)  # the report's load labels as one family (Holm), with each ratio's resolution
         return out
 
 
@@ -468,11 +541,51 @@ def _eos_id(url: str, model: str) -> int | None:
     return None
 
 
+def endpoint_keys(groups: list[list[Target]]) -> list[str]:
+    """Register each --endpoint's key (from the environment, auth.key_from_env) and ask each server for its models
+    once: the 401 messages (naming the variable to set) of those that refuse it. Unreachable servers are left to
+    the run, which records them as failed."""
+    refused = []
+    for t in (t for g in groups for t in g if t.url):
+        key, var = auth.key_from_env(t.name, os.environ)
+        auth.register(t.url, key, var)
+        try:
+            quality.model_info(t.url)
+        except auth.Unauthorized as e:
+            refused.append(f"--endpoint {t.name}: {e}")
+        except Exception:
+            pass
+    return refused
+
+
+def _timing(runner: Runner, wall: float) -> dict:
+    timing = {k: round(v, 1) for k, v in runner.timing.items()}
+    timing["total"] = round(wall, 1)
+    timing["other"] = round(wall - sum(v for k, v in runner.timing.items()), 1)
+    timing["measuring_fraction"] = round(sum(runner.timing[k] for k in ("warmup", "quality", "load", "probe"))
+                                         / wall, 3) if wall else None
+    return timing
+
+
+def rerender(run_dir: Path) -> int:
+    """`normswap ab --report RUN`: the report again from RUN/results.json (nothing is measured)."""
+    from vllm_normswap.ab import report
+
+    results = record.load(run_dir)
+    paths = report.write(results, run_dir)
+    print(json.dumps({"run_dir": str(run_dir), **{k: str(v) for k, v in paths.items()},
+                      "status": results["meta"].get("status"), "decision": results["analysis"]["decision"]["verdict"],
+                      "figure_errors": results["analysis"].get("figure_errors", {})}))
+    return 0
+
+
 def run(args) -> int:
     if args.compare:
         from vllm_normswap.ab.compare import compare_runs
 
         return compare_runs(*args.compare)
+    if args.report:
+        return rerender(Path(args.report))
     from vllm_normswap.ab import report
 
     t_start = time.monotonic()
@@ -480,44 +593,71 @@ def run(args) -> int:
         ["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size > 1 else []) \
         + list(getattr(args, "passthrough", []) or [])
     groups, probes, ckpts = targets(args, extra)  # exits on bad input before any folder exists
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.out) / stamp
-    run_dir.mkdir(parents=True, exist_ok=True)
+    refused = endpoint_keys(groups)
+    if refused:
+        print("normswap ab: error: " + "\n".join(refused), file=sys.stderr)
+        return 1
+    run_dir = record.new_run_dir(Path(args.out))  # never an existing folder, even within the same second
     runner = Runner(args, run_dir)
     layers = [int(x) for x in args.probe_layers.split(",") if x.strip()] or None
 
     runs: list[dict] = []
-    together = args.parallel_starts or default_parallel_starts()
-    bar = tqdm(total=sum(map(len, groups)) + len(probes), desc="normswap ab", unit="server")
-    batches = [(g, True) for g in groups] + [(probes[i:i + together], False) for i in range(0, len(probes), together)]
-    for group, load in batches:
-        bar.set_postfix_str(" + ".join(t.name for t in group))
-        for rec in runner.group(group, load):
-            runs.append(rec)
-            bar.update(1)
-            tqdm.write(f"{rec['name']}: {rec['status']}" + (f" ({rec['error'][:200]})" if rec.get("error") else ""),
-                       file=sys.stderr)  # stdout carries only the final JSON line
-    bar.close()
-    floor_errors, probe_ref = runner.reference(ckpts, layers)
-    wall = time.monotonic() - t_start
-    timing = {k: round(v, 1) for k, v in runner.timing.items()}
-    timing["total"] = round(wall, 1)
-    timing["other"] = round(wall - sum(v for k, v in runner.timing.items()), 1)
-    timing["measuring_fraction"] = round(sum(runner.timing[k] for k in ("warmup", "quality", "load", "probe"))
-                                         / wall, 3) if wall else None
     results = {
-        "probe_reference": probe_ref,
-        "meta": {"timestamp": stamp, "wall_s": wall, "timing": timing,
+        "probe_reference": {},
+        "meta": {"timestamp": run_dir.name, "status": "running",
                  "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                 "workload": runner.workload.describe(), "documents_token_ids": runner.doc_ids,
-                 "self_noise": runner.noise},
+                 "workload": runner.workload.describe(), "self_noise": runner.noise},
         "runs": runs,
-        "comparisons": runner.comparisons(runs, floor_errors),
+        "comparisons": {},
     }
-    paths = report.write(results, run_dir)
+
+    def checkpoint() -> None:  # results.json with what is measured so far (redacted, atomic: record.save)
+        wall = time.monotonic() - t_start
+        results["meta"].update(wall_s=wall, timing=_timing(runner, wall), documents_token_ids=runner.doc_ids)
+        record.save(run_dir, {**results, "runs": runs + [r for r in runner.current.values() if r not in runs]})
+
+    runner.checkpoint = checkpoint
+    together = args.parallel_starts or default_parallel_starts()
+    with record.interruptible():
+        try:
+            bar = tqdm(total=sum(map(len, groups)) + len(probes), desc="normswap ab", unit="server")
+            batches = [(g, True) for g in groups] + [(probes[i:i + together], False)
+                                                     for i in range(0, len(probes), together)]
+            for group, load in batches:
+                bar.set_postfix_str(" + ".join(t.name for t in group))
+                for rec in runner.group(group, load):
+                    runs.append(rec)
+                    bar.update(1)
+                    tqdm.write(f"{rec['name']}: {rec['status']}" + (f" ({rec['error'][:200]})" if rec.get("error")
+                                                                    else ""),
+                               file=sys.stderr)  # stdout carries only the final JSON line
+            bar.close()
+            floor_errors, results["probe_reference"] = runner.reference(ckpts, layers)
+            from vllm_normswap.ab import attribution  # torch: only once the servers are done (fast --help)
+
+            results["attribution"] = attribution.for_run(ckpts, runner.doc_ids, runner.scored, args, runner.timing)
+            results["comparisons"] = runner.comparisons(runs, floor_errors)
+            results["meta"]["status"] = "measured"
+            checkpoint()  # the raw measurements are on disk before any analysis or plot
+            paths = report.write(results, run_dir)
+            results["meta"]["status"] = "complete"
+            record.save(run_dir, results)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (record.Interrupted): the servers are stopped already
+            signame = getattr(e, "signame", "SIGINT")
+            for r in runner.current.values():
+                if r.get("status") != "failed":
+                    r["status"] = "interrupted"
+            results["meta"].update(status="interrupted", interrupted_by=signame)
+            checkpoint()
+            record.scrub(run_dir)
+            print(f"normswap ab: interrupted ({signame}): every server it started is stopped; what was measured "
+                  f"is in {run_dir / record.RESULTS} (render it with `normswap ab --report {run_dir}`)",
+                  file=sys.stderr)
+            return record.EXIT_INTERRUPTED
+    record.scrub(run_dir)
+    wall = results["meta"]["wall_s"]
     failed = [r["name"] for r in runs if r["status"] != "ok"]
     print(json.dumps({"run_dir": str(run_dir), **{k: str(v) for k, v in paths.items()}, "wall_s": round(wall, 1),
                       "decision": results["analysis"]["decision"]["verdict"],
                       "choice": results["analysis"]["decision"]["choice"], "failed": failed}))
     return 1 if failed else 0
-

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from vllm_normswap.ab.auth import SERVER_ENV as SERVER_KEY_ENV
 from vllm_normswap.registry import DEFAULT_THRESHOLDS
 from vllm_normswap.serve import serving_config_path, server_argv
 from vllm_normswap.vllm_server import VLLMServer
@@ -32,11 +32,12 @@ class ServerSpec:
     probe_layers: list[int] | None = None
     extra: list[str] = field(default_factory=list)  # further vLLM flags (--enforce-eager, -tp 2, ...)
     config: str | None = None  # serving config YAML (default serving_configs/OPTION.yaml)
+    tag: str = ""  # tells apart two servers of one configuration (normswap ab --aa: "aa"), in names and logs
 
     @property
     def name(self) -> str:
         probe = f"-probe{self.probe_shift:g}" if self.probe_shift else ""
-        return f"{self.option}-{self.precision}{probe}"
+        return f"{self.option}-{self.precision}{probe}" + (f"-{self.tag}" if self.tag else "")
 
 
 def build_argv(spec: ServerSpec, port: int) -> list[str]:
@@ -61,12 +62,17 @@ def build_argv(spec: ServerSpec, port: int) -> list[str]:
 
 
 class ServerRun:
-    """``with ServerRun(spec, port, log_dir) as url:`` a healthy server; ``startup_s`` and ``log`` recorded."""
+    """``with ServerRun(spec, port, log_dir) as url:`` a healthy server; ``startup_s`` and ``log`` recorded.
+    ``api_key``: the server's key, given to vLLM as VLLM_API_KEY in its environment (never on its command line,
+    which the A/B records in results.json)."""
 
-    def __init__(self, spec: ServerSpec, port: int, log_dir, startup_timeout: float = 600.0):
+    def __init__(self, spec: ServerSpec, port: int, log_dir, startup_timeout: float = 600.0,
+                 api_key: str | None = None):
         self.spec, self.log = spec, Path(log_dir) / f"{spec.name}.log"
         self.argv = build_argv(spec, port)
-        self.server = VLLMServer(self.argv, self.log, startup_timeout=startup_timeout)
+        self.api_key = api_key
+        env = {SERVER_KEY_ENV: api_key} if api_key else None
+        self.server = VLLMServer(self.argv, self.log, env=env, startup_timeout=startup_timeout)
         self.startup_s = None
 
     def start(self) -> "ServerRun":
@@ -141,10 +147,11 @@ def wait_quiet(pids: list[int], max_s: float = QUIET_MAX_S, window_s: float = 0.
 
 
 def free_port() -> int:
-    """A port nobody listens on now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now: vLLM's own helper. Imported here, not at the top, so that `normswap ab --help`
+    and its argument errors do not wait for vLLM's import (seconds)."""
+    from vllm.utils.network_utils import get_open_port
+
+    return get_open_port()
 
 
 def log_errors(log: Path, limit: int = 4) -> list[str]:

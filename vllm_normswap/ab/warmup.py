@@ -1,6 +1,6 @@
 """Warm a server up before anything is measured on it, and record how long that took.
 
-A cold vLLM server compiles or specialises kernels on the first call of each shape (Numba kernels for int8 and
+A cold vLLM server compiles or specialises kernels on the first call of each shape (the Numba kernel of
 the observer, oneDNN primitives, torch.compile graphs when compiled). The load test runs at ``users`` concurrent
 requests, so every decode batch size from 1 to ``users`` and the prefill path must have run before the clock
 starts. Then the same concurrency is driven in rounds until the per-step latency settles: the median end-to-end
@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from vllm_normswap.ab import auth
+
 
 def stream_step_time(url: str, model: str, prompt: str, max_tokens: int) -> float | None:
     """One streamed completion; its end-to-end time per output token (s). End to end, not between chunks: under
@@ -24,7 +26,9 @@ def stream_step_time(url: str, model: str, prompt: str, max_tokens: int) -> floa
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
                "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     start, n = time.perf_counter(), 0
-    with requests.post(f"{url}/v1/completions", json=payload, stream=True, timeout=600) as r:
+    with requests.post(f"{url}/v1/completions", json=payload, headers=auth.headers(url), stream=True,
+                       timeout=600) as r:
+        auth.check(r, url)
         if r.status_code != 200:
             raise RuntimeError(f"warm-up request answered {r.status_code}: {r.text[:300]}")
         for line in r.iter_lines():

@@ -75,7 +75,7 @@ def train(arch: NormSwapArch, data: torch.Tensor, order: torch.Tensor, spec: Tra
     opt = _optimizer(model, spec)
     start, log = 0, {"losses": [], "seconds": 0.0}
     if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)  # tensors, numbers, lists: no pickle code runs
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         start, log = state["step"], state["log"]

@@ -55,7 +55,7 @@ def _prepare(plan: dict, corpus, cache: Path, log) -> tuple:
 
     tok_path, data_path = cache / "tokenizer.json", cache / "data.pt"
     if tok_path.is_file() and data_path.is_file():
-        return Tokenizer.from_file(str(tok_path)), torch.load(data_path)
+        return Tokenizer.from_file(str(tok_path)), torch.load(data_path, weights_only=True)
     spec, shape = plan["spec"], plan["shape"]
     docs = shuffled_docs(corpus.train, DATA_SEED)
     sample, total = [], 0
@@ -112,7 +112,7 @@ def build(out: Path = ZOO_DIR, corpus_path=None, quick: bool = False, progress: 
         arch = make_arch(option, **plan["shape"])
         done_path = cache / f"{option}.done.pt"
         if done_path.is_file():
-            result = torch.load(done_path)
+            result = torch.load(done_path, weights_only=True)
             log(f"{option}: trained already (cache)")
         else:
             tensors, train_log = train(arch, data["train"], order, spec, state_path=cache / f"{option}.state.pt",

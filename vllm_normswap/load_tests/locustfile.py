@@ -4,6 +4,7 @@
     locust -f "$LT/locustfile.py" --headless -u 4 -r 4 -t 30s -H http://127.0.0.1:8000 \
         --workload prompts.jsonl --records-dir out/ --csv out/locust
     # request-rate sweep: add the shape file    -f "$LT/locustfile.py,$LT/rate_sweep.py"
+    # a keyed server: NORMSWAP_API_KEY=KEY in the environment (not --api-key KEY: argv shows in `ps` and logs)
     # distributed: same file on both sides      locust -f ... --master --expect-workers 1 --headless ...
     #                                           locust -f ... --worker --master-host HOST
 
@@ -41,6 +42,9 @@ def _(parser):
     parser.add_argument("--workload-seed", type=int, env_var="NORMSWAP_SEED", default=0)
     parser.add_argument("--max-requests", type=int, env_var="NORMSWAP_MAX_REQUESTS", default=0,
                         help="stop after this many requests per locust process (0 = until --run-time)")
+    # a secret: masked in locust's web UI; pass it by environment (NORMSWAP_API_KEY), not on the command line
+    parser.add_argument("--api-key", env_var="NORMSWAP_API_KEY", default="", is_secret=True,
+                        help="sent as 'Authorization: Bearer KEY' (a server started with --api-key / VLLM_API_KEY)")
     parser.add_argument("--per-user-rate", type=float, env_var="NORMSWAP_PER_USER_RATE", default=0.0,
                         help="requests/s each user aims at (0 = closed loop, no wait); rate_sweep.py sets users")
 
@@ -110,6 +114,8 @@ class CompletionsUser(User):
     def on_start(self):
         self.session = requests.Session()
         opts = self.environment.parsed_options
+        if getattr(opts, "api_key", ""):
+            self.session.headers["Authorization"] = f"Bearer {opts.api_key}"
         self.model = opts.model_name or self.session.get(f"{self.host}/v1/models", timeout=30).json()["data"][0]["id"]
 
     @task

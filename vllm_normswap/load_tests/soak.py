@@ -26,6 +26,8 @@ from pathlib import Path
 import psutil
 import requests
 
+from vllm_normswap.registry import BASELINE, OPTIONS
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bad_requests  # noqa: E402
@@ -95,7 +97,7 @@ def summarize(rows, samples, watcher, warmup_s, health_failures, server_exit) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--option", default="ln-gelu")
+    p.add_argument("--option", default=BASELINE, choices=list(OPTIONS))
     p.add_argument("--model", help="checkpoint dir (default: the option's embedded zoo model)")
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--warmup-minutes", type=float, default=2.0, help="memory growth is measured after this")

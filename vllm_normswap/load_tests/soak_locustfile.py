@@ -22,6 +22,8 @@ from pathlib import Path
 import requests
 from locust import HttpUser, events, task
 
+from vllm_normswap.registry import BASELINE
+
 
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
@@ -36,13 +38,13 @@ GOOD_MAX_TOKENS = 16
 
 @events.init_command_line_parser.add_listener
 def _(parser):
-    parser.add_argument("--model-name", env_var="NORMSWAP_MODEL", default="ln-gelu", help="served model name")
+    parser.add_argument("--model-name", env_var="NORMSWAP_MODEL", default=BASELINE, help="served model name")
     parser.add_argument("--api-key", env_var="NORMSWAP_API_KEY", default="", help="if the server has --api-key")
 
 
 def _opts(user):
     o = user.environment.parsed_options
-    return (o.model_name, o.api_key or None) if o else ("ln-gelu", None)
+    return (o.model_name, o.api_key or None) if o else (BASELINE, None)
 
 
 class GoodUser(HttpUser):

@@ -211,8 +211,8 @@ def preflight(model_dir, arch: NormSwapArch, config: dict | None = None) -> list
                "SRC DST` from its full-precision source")
     else:
         fix = (f"the checkpoint's tensors and its config.json ({_describe(arch)}) disagree; fix config.json to "
-               "describe these weights, or re-export the weights (tensor names and shapes: README 'Checkpoint "
-               "format')")
+               "describe these weights, or re-export the weights (tensor names and shapes: "
+               "docs/checkpoint-format.md)")
     raise CheckpointError(f"checkpoint {model_dir.name!r} cannot be served: " + "; ".join(problems) + ". Fix: " + fix)
 
 

@@ -12,13 +12,13 @@ from typing import Any
 
 from vllm_normswap.registry import (
     EPS_PLACEMENTS,
-    FFN_ACTS,
     GATED_ACTS,
     NORM_TYPES,
     OPTIONS,
     POSITION_TYPES,
     ConfigError,
     check_choice,
+    ffn_acts,
     option_of,
 )
 
@@ -38,7 +38,7 @@ class NormSwapArch:
     head_dim: int | None = None  # per-head width (None = hidden_size // num_attention_heads)
     # --- the two knobs of the case study ---
     norm_type: str = "layernorm"  # pre-FFN norm: layernorm | rmsnorm
-    ffn_act: str = "gelu"  # FFN: gelu (exact erf) | gelu_tanh | swiglu | relu (converted OPT only)
+    ffn_act: str = "gelu"  # FFN: registry.ffn_acts(): gelu (exact erf) | gelu_tanh | relu (converted OPT) | swiglu
     # --- where else the norm switch applies (the case study changes only the pre-FFN norm) ---
     attn_norm_type: str = "layernorm"  # norm before attention: layernorm | rmsnorm
     final_norm_type: str = "layernorm"  # norm before the LM head: layernorm | rmsnorm
@@ -61,7 +61,7 @@ class NormSwapArch:
         check_choice("norm_type", self.norm_type, NORM_TYPES)
         check_choice("attn_norm_type", self.attn_norm_type, NORM_TYPES)
         check_choice("final_norm_type", self.final_norm_type, NORM_TYPES)
-        check_choice("ffn_act", self.ffn_act, FFN_ACTS)
+        check_choice("ffn_act", self.ffn_act, ffn_acts())
         check_choice("norm_eps_placement", self.norm_eps_placement, EPS_PLACEMENTS)
         check_choice("position_embedding_type", self.position_embedding_type, POSITION_TYPES)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -121,7 +121,7 @@ class NormSwapArch:
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         missing = [name for name in required if cfg.get(name) is None]
         if missing:
-            raise ConfigError(f"config.json lacks required field(s) {missing}; see README 'Checkpoint format'")
+            raise ConfigError(f"config.json lacks required field(s) {missing}; see docs/checkpoint-format.md")
         return cls(**{k: v for k, v in cfg.items() if k in fields and v is not None})
 
     def to_dict(self) -> dict[str, Any]:

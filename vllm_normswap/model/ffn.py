@@ -1,7 +1,10 @@
-"""The activation switch: GELU FFN and SwiGLU FFN from vLLM's parallel linear layers (so TP and quantization work).
+"""The activation switch: pointwise and gated FFNs from vLLM's parallel linear layers (so TP and quantization work).
 
-    GELU:   down( gelu(h W_up + b_up) )
-    SwiGLU: down( swish(h W1 + b1) * (h W2 + b2) )      W1 = gate_proj, W2 = up_proj (merged as gate_up_proj)
+    pointwise (GELU):  down( f(h W_up + b_up) )
+    gated (SwiGLU):    down( g(h W1 + b1) * (h W2 + b2) )   g = swish for SwiGLU; W1 = gate_proj, W2 = up_proj
+                                                           (merged as gate_up_proj)
+
+Which function f or g an activation uses is the registry's (registry.GATED_ACTS); the formulas are written here.
 
 Each FFN reports its sites to ``observe(site, tensor)`` (a no-op unless the observer is on).
 """
@@ -17,17 +20,30 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 
-_POINTWISE = {
+from vllm_normswap.registry import GATED_ACTS
+
+# every function the registry may name (registry.POINTWISE_FNS), as torch writes it
+_FNS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf), the case study's GELU
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's gelu_new
     "relu": F.relu,  # converted OPT checkpoints
+    "silu": F.silu,  # swish, SwiGLU's gate
 }
+
+
+def pointwise_fn(name: str):
+    """The torch function of a registry function name; a name this file lacks fails at model construction."""
+    if name not in _FNS:
+        raise NotImplementedError(f"FFN function {name!r} (registry.GATED_ACTS / POINTWISE_ACTS) has no formula in "
+                                  f"vllm_normswap/model/ffn.py (known: {', '.join(_FNS)}); add it to _FNS there "
+                                  f"and to model/reference.py")
+    return _FNS[name]
 
 
 class PointwiseFFN(nn.Module):
     def __init__(self, arch, quant_config, prefix: str):
         super().__init__()
-        self.act = _POINTWISE[arch.ffn_act]
+        self.act = pointwise_fn(arch.ffn_act)
         self.up_proj = ColumnParallelLinear(arch.hidden_size, arch.intermediate_size, bias=arch.mlp_bias,
                                             quant_config=quant_config, prefix=f"{prefix}.up_proj")
         self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias,
@@ -42,9 +58,10 @@ class PointwiseFFN(nn.Module):
         return out
 
 
-class SwiGLUFFN(nn.Module):
+class GatedFFN(nn.Module):
     def __init__(self, arch, quant_config, prefix: str):
         super().__init__()
+        self.gate_fn = pointwise_fn(GATED_ACTS[arch.ffn_act])
         self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [arch.intermediate_size] * 2,
                                                        bias=arch.mlp_bias, quant_config=quant_config,
                                                        prefix=f"{prefix}.gate_up_proj")
@@ -55,11 +72,11 @@ class SwiGLUFFN(nn.Module):
         gate_up, _ = self.gate_up_proj(h)  # this rank's [gate | up] shards
         observe("act_in", gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        a = F.silu(gate) * up
+        a = self.gate_fn(gate) * up
         observe("act_out", a)
         out, _ = self.down_proj(a)
         return out
 
 
 def make_ffn(arch, quant_config, prefix: str) -> nn.Module:
-    return SwiGLUFFN(arch, quant_config, prefix) if arch.gated else PointwiseFFN(arch, quant_config, prefix)
+    return GatedFFN(arch, quant_config, prefix) if arch.gated else PointwiseFFN(arch, quant_config, prefix)

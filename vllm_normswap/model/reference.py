@@ -16,7 +16,7 @@ from torch import nn
 
 from vllm_normswap.model.config import NormSwapArch, tensor_shapes
 
-from vllm_normswap.registry import SITES  # noqa: F401  (capture keys)
+from vllm_normswap.registry import GATED_ACTS, SITES  # noqa: F401  (SITES: capture keys)
 
 
 def layer_norm(h, alpha, beta, eps, inside):
@@ -34,6 +34,26 @@ def rms_norm(h, alpha, beta, eps, inside):
     rms_eps = torch.sqrt(ms + eps) if inside else torch.sqrt(ms) + eps
     out = alpha * h / rms_eps
     return out + beta if beta is not None else out
+
+
+# The FFN functions the registry may name (registry.POINTWISE_FNS), written out from their definitions rather
+# than taken from torch.nn.functional or model/ffn.py, so the vLLM model is checked against an independent formula.
+FUNCTIONS = {
+    "gelu": lambda x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0))),  # x Phi(x), exact
+    "gelu_tanh": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3))),
+    "relu": lambda x: x.clamp_min(0),
+    "silu": lambda x: x * torch.sigmoid(x),  # swish_1, SwiGLU's gate
+}
+
+
+def function(name: str):
+    """The formula of a registry function name; a name without one fails here instead of computing something
+    else."""
+    if name not in FUNCTIONS:
+        raise NotImplementedError(f"FFN function {name!r} (registry.GATED_ACTS / POINTWISE_ACTS) has no formula in "
+                                  f"vllm_normswap/model/reference.py (known: {', '.join(FUNCTIONS)}); write it "
+                                  f"into FUNCTIONS there, independently of model/ffn.py")
+    return FUNCTIONS[name]
 
 
 def rotate_half_rope(x, positions, theta):
@@ -54,6 +74,8 @@ class ReferenceModel(nn.Module):
     def __init__(self, arch: NormSwapArch, dtype=torch.float32):
         super().__init__()
         self.arch = arch
+        # the FFN's function (a gated FFN's gate function); an activation without a formula fails here
+        self.ffn_fn = function(GATED_ACTS[arch.ffn_act] if arch.gated else arch.ffn_act)
         self.shapes = tensor_shapes(arch)
         self.params = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(torch.empty(s, dtype=dtype))
                                         for k, s in self.shapes.items()})
@@ -119,21 +141,17 @@ class ReferenceModel(nn.Module):
         return self.linear(f"{p}.o_proj", out)
 
     def ffn(self, i, h, capture):
-        """The seed FFN. GELU: W_down gelu(h W_up + b); SwiGLU: W_down [swish(h W1 + b1) * (h W2 + b2)]."""
+        """The seed FFN. Pointwise (GELU): W_down f(h W_up + b); gated (SwiGLU): W_down [g(h W1 + b1) * (h W2 + b2)],
+        g = swish for SwiGLU. The registry names f or g (GATED_ACTS); the formulas are FUNCTIONS, above."""
         a, p = self.arch, f"model.layers.{i}.mlp"
         up = self.linear(f"{p}.up_proj", h)
-        if a.ffn_act == "swiglu":
+        if a.gated:
             gate = self.linear(f"{p}.gate_proj", h)
             act_in = torch.cat([gate, up], -1)  # the observer sees gate and up together
-            act = gate * torch.sigmoid(gate) * up
+            act = self.ffn_fn(gate) * up
         else:
             act_in = up
-            if a.ffn_act == "gelu":
-                act = 0.5 * up * (1.0 + torch.erf(up / math.sqrt(2.0)))
-            elif a.ffn_act == "gelu_tanh":
-                act = 0.5 * up * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (up + 0.044715 * up ** 3)))
-            else:  # relu
-                act = up.clamp_min(0)
+            act = self.ffn_fn(up)
         out = self.linear(f"{p}.down_proj", act)
         if capture is not None:
             capture.setdefault(i, {}).update(act_in=act_in.detach(), act_out=act.detach(), ffn_out=out.detach())

@@ -186,7 +186,7 @@ class NormSwapForCausalLM(nn.Module, SupportsQuant):
             param_name = ".".join(part for part in (owner, proj, leaf) if part)
             if param_name not in params:
                 raise ConfigError(f"unexpected tensor {name!r} in the checkpoint: NormSwap with this config.json "
-                                  "(and quantization setting) has no such tensor; see README 'Checkpoint format'")
+                                  "(and quantization setting) has no such tensor; see docs/checkpoint-format.md")
             param = params[param_name]
             loader = getattr(param, "weight_loader", default_weight_loader)
             loader(param, tensor) if shard is None else loader(param, tensor, shard)
@@ -195,7 +195,7 @@ class NormSwapForCausalLM(nn.Module, SupportsQuant):
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise ConfigError(f"checkpoint lacks tensor(s) {missing[:5]}{more}; a complete checkpoint needs every "
-                              "tensor listed under README 'Checkpoint format' for its config.json")
+                              "tensor listed in docs/checkpoint-format.md for its config.json")
         if self.arch.tie_word_embeddings:
             loaded.add("lm_head.weight")
         return loaded

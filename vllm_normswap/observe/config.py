@@ -38,7 +38,7 @@ class ObserverConfig:
     buckets: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_BUCKETS))
 
     def __post_init__(self):
-        fix = f"fix {HF_KEY!r} in --hf-overrides (see README 'Activation metrics')"
+        fix = f"fix {HF_KEY!r} in --hf-overrides (see docs/metrics.md)"
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"{HF_KEY}.enabled = {self.enabled!r} must be true or false; {fix}")
         thresholds = _float_tuple("thresholds", self.thresholds, fix)

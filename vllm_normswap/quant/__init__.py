@@ -1,12 +1,16 @@
 """int8 weight-only (W8A16) quantization: `--quantization normswap_int8`.
 
-primitives.py  torch-only int8 math (quantize per channel / group / tensor, dequantize, SQNR, int32 packing)
-config.py      the vLLM QuantizationConfig (online vs compressed-tensors checkpoint, which layers)
+primitives.py     torch-only int8 math (quantize per channel / group / tensor, dequantize, SQNR, int32 packing)
+config.py         the vLLM QuantizationConfig (online vs compressed-tensors checkpoint, which layers)
 linear_method.py  the vLLM linear methods (create weights, quantize or unpack after loading, apply)
-cpu_kernels.py   the CPU int8 matmul kernels (Numba GEMV and small-batch kernels, int8pack, block-dequantized GEMM)
-cpu_dispatch.py  which kernel runs a matmul (batch size, dtype, threads; thresholds overridable by environment)
-cpu_op.py        the dispatch as the custom op torch.ops.normswap.int8_linear (opaque to torch.compile)
-gpu_kernel.py  GPU: vLLM's mixed-precision kernel chooser (Machete/Marlin), untested without a GPU
+cpp_kernel.py     the compiled CPU kernel (csrc/int8_mm.cpp: int16 activations x int8 weights, integer dot products)
+cpu_kernels.py    the pure-torch CPU paths: int8 tiles widened in cache into the dense GEMM, and torch's int8pack
+cpu_plan.py       which path runs each layer shape and row-count bucket, measured on this machine against vLLM's
+                  bf16 linear (`normswap int8-plan` prints it); plan_cache.py keeps it on disk per machine
+cpu_dispatch.py   the per-call lookup of the plan (NORMSWAP_INT8_KERNEL forces a path for experiments)
+cpu_op.py         the dispatch as the custom op torch.ops.normswap.int8_linear (opaque to torch.compile)
+plan_cmd.py       `normswap int8-plan`
+gpu_kernel.py     GPU: vLLM's mixed-precision kernel chooser (Machete/Marlin), untested without a GPU
 """
 
 _registered = False

@@ -5,12 +5,12 @@ outside the source tree, loaded in later processes without rebuilding.
 
 The cache directory is $NORMSWAP_EXT_DIR, else ~/.cache/vllm_normswap/torch_extensions/<torch>-<python>: the
 .so is tied to the torch and Python it was built against, so each pair gets its own. Building needs a C++
-compiler and ninja; without them ``loaded()`` logs one warning and returns None, and the dispatch
-(cpu_dispatch.py) keeps to the Numba and torch kernels.
+compiler and ninja; without them ``loaded()`` logs one warning and returns None, and the plan (cpu_plan.py)
+chooses among the pure-torch paths.
 
 The ISA path: the best one the CPU and torch both allow (torch's capability honours ATEN_CPU_CAPABILITY, so a
-user who caps torch at AVX2 caps this kernel too); NORMSWAP_INT8_ISA=scalar|avx2|avx512bw|avx512vnni forces a
-lower one (tests, experiments).
+user who caps torch at AVX2 caps this kernel too; scripts/as_avx2.sh does). ``int8_mm(..., isa=)`` forces a
+lower one (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -62,34 +62,21 @@ def loaded():
     """The extension module, or None (with one warning naming the problem and the fix) where it cannot build."""
     try:
         return _load()
-    except Exception as err:  # no compiler, no ninja, a compile error: the Numba/torch kernels remain
+    except Exception as err:  # no compiler, no ninja, a compile error: the pure-torch paths remain
         from vllm_normswap.logs import plugin_logger
 
         first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
         plugin_logger(__name__).warning(
             "normswap_int8: the compiled CPU int8 kernel is unavailable (%s: %s); falling back to the slower "
-            "Numba/torch kernels. To fix: %s (it builds into %s).", type(err).__name__, first, FIX, build_dir())
+            "pure-torch kernels. To fix: %s (it builds into %s).", type(err).__name__, first, FIX, build_dir())
         return None
-
-
-def isa_code(name: str) -> int:
-    if name not in ISAS:
-        raise ValueError(f"NORMSWAP_INT8_ISA={name!r}; allowed values: {', '.join(ISAS)}")
-    return ISAS.index(name)
 
 
 @functools.lru_cache(maxsize=None)
 def default_isa() -> int:
-    """The ISA path: NORMSWAP_INT8_ISA where set (it must be one this CPU runs), else the best the CPU and torch's
-    capability both allow. Read once (``default_isa.cache_clear()`` re-reads)."""
+    """The ISA path: the best the CPU and torch's capability both allow."""
     ext = loaded()
     best = ext.best_isa() if ext is not None else 0
-    forced = os.environ.get("NORMSWAP_INT8_ISA")
-    if forced:
-        code = isa_code(forced)
-        if code > best:
-            raise ValueError(f"NORMSWAP_INT8_ISA={forced}: this CPU's best path is {ISAS[best]}")
-        return code
     cap = _TORCH_CAP.get(torch.backends.cpu.get_cpu_capability(), best)
     return min(best, cap)
 

@@ -1,7 +1,8 @@
 """vLLM linear methods for `normswap_int8`: online (quantize while loading) and from a compressed-tensors checkpoint.
 
 Both end in the same layer state, so an offline checkpoint reproduces the online result bit for bit:
-  CPU: `weight` int8 [N, K] + `weight_scale` [N, 1] | [N, K/G] in the model dtype -> cpu_op.apply_int8_linear
+  CPU: `weight` int8 [N, K] + `weight_scale` [N, 1] | [N, K/G] in the model dtype -> cpu_op.apply_int8_linear;
+       the kernel plan for the shape is settled when the layer's weight is final (cpu_dispatch.prepare)
   GPU: compressed-tensors parameters handed to vLLM's mixed-precision kernel (gpu_kernel.py, untested here)
 
 LM head (`lm_head: true`, CPU): Int8LMHeadMethod keeps vLLM's bf16 loading and quantizes per output channel after
@@ -30,6 +31,7 @@ from vllm.model_executor.parameter import (
 )
 from vllm.platforms import current_platform
 
+import vllm_normswap.quant.cpu_dispatch as cpu_dispatch
 from vllm_normswap.logs import plugin_logger
 from vllm_normswap.quant.primitives import (
     QuantConfigError,
@@ -90,6 +92,7 @@ class _Int8LinearMethod(LinearMethodBase):
             return
         layer.register_parameter("weight", torch.nn.Parameter(q.contiguous(), requires_grad=False))
         layer.register_parameter("weight_scale", torch.nn.Parameter(scale.contiguous(), requires_grad=False))
+        cpu_dispatch.prepare(layer.weight, layer.weight_scale, scale.dtype)  # the kernel plan, before any forward
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.gpu_kernel is not None:
@@ -233,6 +236,7 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
         del layer._parameters["weight"]
         layer.register_parameter("weight", torch.nn.Parameter(q.contiguous(), requires_grad=False))
         layer.register_parameter("weight_scale", torch.nn.Parameter(scale.contiguous(), requires_grad=False))
+        cpu_dispatch.prepare(layer.weight, layer.weight_scale, scale.dtype)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.tied:

@@ -1,0 +1,198 @@
+"""The int8 kernel plan: for each linear shape and row-count bucket, the CPU path (cpu_dispatch.py) that measured
+fastest on this machine, with the worker's torch thread count, timed beside vLLM's own bf16 linear.
+
+Buckets of rows M (tokens in the batch): 1 | 2-4 | 5-16 | 17-64 | 65+. Batch-1 decode is pure weight streaming;
+2-4 rows are still bound by the weight reads (the compiled kernel's register tiles hold 3-4 rows); 5-16 and
+17-64 are where integer dot products and a vendor GEMM trade places as compute grows; 65+ is prefill, bound by
+compute. Each bucket is timed at its top row count (1, 4, 16, 64; 256 for prefill), where the memory-bound
+kernels look worst within it.
+
+Measurement (``measure``): random activations [M, K] in the model dtype; the layer's own int8 weight; every
+candidate and vLLM's bf16 linear (``dispatch_cpu_unquantized_gemm`` on the dequantized weight: oneDNN, SGL,
+zentorch or F.linear, whatever the bf16 server would run here) called in turn, the order rotating each round, so
+that a busy neighbour slows all of them alike; per candidate the median. The incumbent (the compiled kernel where
+it built, else int8pack where it applies) keeps the bucket unless a challenger's median is more than
+INCUMBENT_MARGIN faster: noise does not flip the plan between starts. The plan is cached (plan_cache.py); the
+same cache gives the same plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import vllm_normswap.quant.cpp_kernel as cpp_kernel
+import vllm_normswap.quant.plan_cache as plan_cache
+from vllm_normswap.logs import plugin_logger
+from vllm_normswap.quant.cpu_kernels import dequant_mm, int8pack_applies, int8pack_mm
+from vllm_normswap.quant.primitives import dequantize
+
+PATHS = ("cpp", "dequant", "int8pack")
+BUCKETS = ("1", "2-4", "5-16", "17-64", "65+")
+ROWS = (1, 4, 16, 64, 256)  # the row count each bucket is timed at
+INCUMBENT_MARGIN = 0.10  # a challenger must be this much faster (median) to replace the incumbent
+BUDGET_S = 0.03  # timed seconds per bucket, all candidates together...
+MIN_REPS, MAX_REPS = 3, 40  # ...within these call counts per candidate (the warm-up's second call counts)
+SLOW_S = 0.05  # a call this long needs no separate warm-up call
+ONE_SHOT_S = 0.2  # a call this long is timed once
+ELIMINATE = 3.0  # a challenger this many times slower than the fastest, on its first call, is not timed again
+CPP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def bucket(m: int) -> int:
+    """The bucket index of M rows."""
+    return 0 if m <= 1 else 1 if m <= 4 else 2 if m <= 16 else 3 if m <= 64 else 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    n: int  # output features (weight rows)
+    k: int  # input features
+    groups: int  # scale columns: 1 per channel, K / group_size per group
+    dtype: str  # activation dtype
+    threads: int  # torch threads it was measured with
+    kernels: tuple[str, ...]  # the path per bucket
+    ms: dict  # path or "vllm_bf16" -> median ms per bucket (empty when read from a cache without timings)
+    source: str  # "measured" or "cached"
+
+    def row(self) -> dict:
+        return {"n": self.n, "k": self.k, "groups": self.groups, "dtype": self.dtype, "threads": self.threads,
+                "buckets": dict(zip(BUCKETS, self.kernels)), "ms": self.ms, "source": self.source}
+
+    def summary(self) -> str:
+        """One line: per bucket the chosen path and its time against vLLM's bf16 linear."""
+        cells = []
+        for i, (name, kernel) in enumerate(zip(BUCKETS, self.kernels)):
+            ms, ref = self.ms.get(kernel), self.ms.get("vllm_bf16")
+            vs = f" {ms[i]:.3g} ms, {ref[i] / ms[i]:.2f}x vLLM bf16" if ms and ref else ""
+            cells.append(f"M={name}: {kernel}{vs}")
+        return (f"[{self.n} x {self.k}] groups={self.groups} {self.dtype} threads={self.threads} ({self.source}): "
+                + "; ".join(cells))
+
+
+def candidates(k: int, groups: int, dtype: torch.dtype) -> tuple[str, ...]:
+    """The paths that can run this shape here, the incumbent first."""
+    if dtype in CPP_DTYPES and cpp_kernel.loaded() is not None:
+        return ("cpp", "dequant")
+    return ("int8pack", "dequant") if int8pack_applies(k, groups) else ("dequant",)
+
+
+def _vllm_bf16_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """vLLM's own CPU linear for this weight, set up as its UnquantizedLinearMethod does. Its warning that
+    oneDNN cannot run bf16 here (then it takes F.linear) is vLLM's business, not this int8 server's."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    log = logging.getLogger(dispatch_cpu_unquantized_gemm.__module__)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    finally:
+        log.setLevel(level)
+    return lambda x: layer.cpu_linear(x, layer.weight, None)
+
+
+def _median_ms(fns: dict[str, Callable[[], object]], keep: tuple[str, ...]) -> dict[str, float]:
+    """Median ms per function: one warm-up call each, then rounds of one call each, the order rotating. A call
+    longer than SLOW_S is its own warm-up (its one-off costs are small beside it). Not repeated, so that a slow
+    shape costs seconds and not minutes: a call longer than ONE_SHOT_S, and a function outside ``keep`` (the
+    incumbent and the reference) whose first call took ELIMINATE times the fastest one's: it cannot win."""
+    first = {}
+    for name, fn in fns.items():
+        t = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t
+        if first[name] < SLOW_S:
+            t = time.perf_counter()
+            fn()
+            first[name] = time.perf_counter() - t
+    fastest = min(first.values())
+    names = [name for name in fns if first[name] < ONE_SHOT_S
+             and (name in keep or first[name] <= ELIMINATE * fastest)]
+    reps = max(MIN_REPS, min(MAX_REPS, int(BUDGET_S / max(sum(first[n] for n in names), 1e-9))))
+    samples = {name: [first[name]] for name in fns}
+    for r in range(reps - 1 if names else 0):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+
+
+def measure(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+            paths: tuple[str, ...] | None = None) -> dict[str, list[float]]:
+    """Median ms per bucket of each candidate path and of vLLM's bf16 linear ("vllm_bf16") on this weight."""
+    n, k = weight.shape
+    paths = paths or candidates(k, scale.shape[1], dtype)
+    kernels = {"cpp": cpp_kernel.int8_mm, "dequant": dequant_mm, "int8pack": int8pack_mm}
+    reference = _vllm_bf16_linear(torch.cat([dequantize(weight[i:i + 4096], scale[i:i + 4096], dtype)
+                                             for i in range(0, n, 4096)]))
+    gen = torch.Generator().manual_seed(n * 1_000_003 + k)
+    out: dict[str, list[float]] = {name: [] for name in (*paths, "vllm_bf16")}
+    for rows in ROWS:
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        fns = {name: (lambda f=kernels[name]: f(x, weight, scale)) for name in paths}
+        fns["vllm_bf16"] = lambda: reference(x)
+        for name, ms in _median_ms(fns, keep=(paths[0], "vllm_bf16")).items():
+            out[name].append(ms)
+    return out
+
+
+def choose(ms: dict[str, list[float]], paths: tuple[str, ...]) -> tuple[str, ...]:
+    """Per bucket: the incumbent (paths[0]) unless another path's median is more than INCUMBENT_MARGIN faster."""
+    chosen = []
+    for i in range(len(BUCKETS)):
+        best = min(paths, key=lambda p: ms[p][i])
+        chosen.append(best if ms[best][i] < (1 - INCUMBENT_MARGIN) * ms[paths[0]][i] else paths[0])
+    return tuple(chosen)
+
+
+_PLANS: dict[tuple, Plan] = {}  # (n, k, groups, dtype, threads) -> this process's plan
+
+
+def cached_plan(n: int, k: int, groups: int, dtype: torch.dtype, threads: int) -> Plan | None:
+    """The plan for one shape as this machine's cache file holds it, or None; measures nothing."""
+    entry = plan_cache.load(PATHS, len(BUCKETS)).get(plan_cache.entry_key(n, k, groups, dtype, threads))
+    if entry is None:
+        return None
+    return Plan(n, k, groups, str(dtype).removeprefix("torch."), threads, tuple(entry["kernels"]),
+                entry.get("ms", {}), "cached")
+
+
+def plan_for(n: int, k: int, groups: int, dtype: torch.dtype, threads: int, weight: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None, remeasure: bool = False) -> Plan:
+    """The plan for one shape: from this process's memory, else the cache file, else measured now (on ``weight``
+    where given, else a random int8 weight of the shape), cached, and logged as one INFO line."""
+    plan = None if remeasure else _PLANS.get((n, k, groups, dtype, threads))
+    if plan is not None:  # the per-call path: one dict lookup
+        return plan
+    plan = None if remeasure else cached_plan(n, k, groups, dtype, threads)
+    if plan is None:
+        if weight is None:
+            gen = torch.Generator().manual_seed(n + k)
+            weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+            scale = (torch.rand(n, groups, generator=gen) * 1e-3 + 1e-4).to(dtype)
+        paths = candidates(k, groups, dtype)
+        before = torch.get_num_threads()
+        if threads == before:  # vLLM's CPU worker replaces torch.set_num_threads by a warning after binding
+            ms = measure(weight, scale, dtype, paths)
+        else:
+            torch.set_num_threads(threads)
+            try:
+                ms = measure(weight, scale, dtype, paths)
+            finally:
+                torch.set_num_threads(before)
+        plan = Plan(n, k, groups, str(dtype).removeprefix("torch."), threads, choose(ms, paths),
+                    {name: [round(v, 4) for v in ms[name]] for name in ms}, "measured")
+        plan_cache.save(plan_cache.entry_key(n, k, groups, dtype, threads),
+                        {"kernels": list(plan.kernels), "ms": plan.ms}, PATHS, len(BUCKETS))
+    plugin_logger(__name__).info("normswap_int8 kernel plan %s", plan.summary())
+    _PLANS[(n, k, groups, dtype, threads)] = plan
+    return plan
