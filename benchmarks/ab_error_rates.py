@@ -110,6 +110,7 @@ def result_table(summary: dict, cpu: dict, ab_args: list[str]) -> dict:
     return {"title": f"A/A false alarms of the load labels (normswap ab --aa, {settings})",
             "benchmark": "benchmarks/ab_error_rates.py " + " ".join(ab_args),
             "machine": f"{cpu['model']}, {cpu['cores']} cores",
+            "date": time.strftime("%Y-%m-%d"),
             "cpu_flags": cpu["kind"] + " (" + " ".join(cpu["flags"]) + ")",
             "notes": (f"{summary['runs']} A/A runs of {summary['labels_per_run']} load labels each; the goal is a "
                       f"per-run rate at most 0.05. Clopper–Pearson 95% CIs; the pooled per-label CI treats the "

@@ -116,7 +116,7 @@ def option_server(option: str, model: str | Path, port: int, log_dir: Path, obse
     """A vLLM server for one option started the way the images start it (deploy/entrypoint.py). ``cores``:
     the CPU cores its worker binds to (VLLM_CPU_OMP_THREADS_BIND, e.g. "1" or "0-3"); CPU servers sharing a
     machine must get disjoint cores, else their spinning OpenMP threads starve each other."""
-    from vllm_normswap.vllm_server import VLLMServer
+    from vllm_normswap.runtime.server import VLLMServer
 
     env = {"VLLM_CPU_OMP_THREADS_BIND": cores} if cores else {}
     env |= {"NORMSWAP_OPTION": option, "NORMSWAP_MODEL": str(model), "HOST": "127.0.0.1", "PORT": str(port),

@@ -15,11 +15,11 @@ from vllm_normswap.registry import OPTIONS
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GB)
 # The servers the tests start (directly, or through `normswap ab`) fork EngineCore and the worker instead of
-# spawning them (vllm_normswap/fast_start.py): a start no longer imports torch and vLLM three times over. The wheel
+# spawning them (vllm_normswap/runtime/engine_fork.py): a start no longer imports torch and vLLM three times over. The wheel
 # test (tests/test_wheel.py) runs the default, spawn, as a user's install does.
 os.environ.setdefault("NORMSWAP_FORK_ENGINE", "1")
 # ...and `python -m vllm.entrypoints.launchers.api_server.entry` servers are forked from a process per pytest worker that
-# imported vLLM once (vllm_normswap/forkserver.py), not started anew: about 9 s less CPU per server start.
+# imported vLLM once (vllm_normswap/runtime/forkserver.py), not started anew: about 9 s less CPU per server start.
 os.environ.setdefault("NORMSWAP_FORKSERVER", "1")
 
 

@@ -130,7 +130,7 @@ def test_vllm_model_matches_the_reference_in_fp32(monkeypatch, tmp_path):
     """GeGLU served by vLLM's NormSwapForCausalLM (model/ffn.py) against the pure-torch reference
     (model/reference.py), both in fp32 on the same weights: prompt logprobs per token, and greedy tokens wherever
     the reference's top-1 margin is clear."""
-    from vllm_normswap.checkpoints.io import load_reference
+    from vllm_normswap.checkpoints.files import load_reference
 
     _add(monkeypatch, GATED)
     ckpt = make_checkpoint(tmp_path / GATED.id, GATED.id)

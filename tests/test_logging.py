@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 PLUGIN_MODULES = ("vllm_normswap.observe.publisher", "vllm_normswap.quant.linear_method",
-                  "vllm_normswap.engine_exit")
+                  "vllm_normswap.runtime.exit_code")
 
 
 def _python(code: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:

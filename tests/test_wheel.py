@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from utils import KV_CACHE_GB, get_open_port, port_holders
-from vllm_normswap.fast_start import ENV as FORK_ENV, FORK_LOG
-from vllm_normswap.vllm_server import VLLMServer
+from vllm_normswap.runtime.engine_fork import ENV as FORK_ENV, FORK_LOG
+from vllm_normswap.runtime.server import VLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.server

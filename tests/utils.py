@@ -23,10 +23,10 @@ from typing import Callable, Sequence
 # in-process import would change them and make forkserver.get() start a second fork server.
 from vllm.utils.network_utils import get_open_port  # noqa: F401
 
-from vllm_normswap import forkserver
+from vllm_normswap.runtime import forkserver
 from vllm_normswap.registry import OPTIONS
 from vllm_normswap.serve import server_argv
-from vllm_normswap.vllm_server import VLLMServer
+from vllm_normswap.runtime.server import VLLMServer
 
 TESTS = Path(__file__).resolve().parent
 VOCAB = 512  # vocabulary of the test checkpoints (make_checkpoint)
@@ -240,7 +240,7 @@ def shared_tokenizer():
 
 def run_vllm_offline(spec: dict | list[dict], timeout: float = 600, env: dict | None = None):
     """tests/vllm_offline.py in a process of its own (forked from the fork server where the suite runs one, see
-    vllm_normswap/forkserver.py; else a fresh one): one spec -> its result; a list of specs -> their results, run one
+    vllm_normswap/runtime/forkserver.py; else a fresh one): one spec -> its result; a list of specs -> their results, run one
     after another in that one process (one engine each, one vLLM import for all)."""
     specs = spec if isinstance(spec, list) else [spec]
     proc = forkserver.run([sys.executable, str(TESTS / "vllm_offline.py"), json.dumps(specs)],

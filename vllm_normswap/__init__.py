@@ -32,8 +32,7 @@ def register() -> None:
     register_quantization()
     register_metrics_bridge()
 
-    from vllm_normswap.engine_exit import install_if_api_server
-    from vllm_normswap.fast_start import install as fork_engine_if_asked
+    from vllm_normswap.runtime import engine_fork, exit_code
 
-    fork_engine_if_asked()  # NORMSWAP_FORK_ENGINE=1: EngineCore and the worker are forked, not spawned
-    install_if_api_server()  # vLLM 0.32 exits 0 when its engine dies; make that exit 1 (API server only)
+    engine_fork.install()  # NORMSWAP_FORK_ENGINE=1: EngineCore and the worker are forked, not spawned
+    exit_code.install_if_api_server()  # vLLM 0.32 exits 0 when its engine dies; make that exit 1 (API server only)

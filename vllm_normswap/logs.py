@@ -9,7 +9,7 @@ warnings went out through ``logging.lastResort``, unformatted. Named ``vllm.plug
 inherits whatever vLLM configured for ``"vllm"``, including a user's ``VLLM_LOGGING_CONFIG_PATH`` and
 ``VLLM_CONFIGURE_LOGGING=0`` (then it propagates to the root logger like vLLM's own).
 
-Only for modules that run inside vLLM (model/, quant/, observe/, engine_exit): CLI commands write their messages
+Only for modules that run inside vLLM (model/, quant/, observe/, runtime/exit_code.py): CLI commands write their messages
 to stderr and keep stdout for their JSON.
 """
 

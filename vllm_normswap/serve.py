@@ -1,6 +1,6 @@
 """`normswap serve OPTION`: start vLLM's OpenAI-compatible server for one option, with the option's serving config
 (package data: ``vllm_normswap/serving_configs/OPTION.yaml``, read through ``importlib.resources`` so a wheel
-install finds it). The process handle the tests and the A/B driver use is ``vllm_normswap.vllm_server.VLLMServer``.
+install finds it). The process handle the tests and the A/B driver use is ``vllm_normswap.runtime.server.VLLMServer``.
 
 The server runs as ``python -m vllm.entrypoints.launchers.api_server.entry`` (ENTRYPOINT), vLLM 0.32's supported
 API-server module: ``vllm.entrypoints.openai.api_server`` is deprecated (two DeprecationWarnings in every log), and

@@ -23,7 +23,7 @@ from utils import get_open_port
 from vllm_normswap.ab import compare, loadgen, loadstats, plots, run as ab_run
 from vllm_normswap.ab.loadstats import LATENCY_KEYS
 from vllm_normswap.ab.servers import ServerRun, ServerSpec
-from vllm_normswap.checkpoints.io import load_arch, load_reference
+from vllm_normswap.checkpoints.files import load_arch, load_reference
 
 pytestmark = pytest.mark.server
 
@@ -182,7 +182,7 @@ def test_probe_moves_rmsnorm_token_means_not_layernorm(ab):
 
 
 def test_attribution_and_the_premise(ab):
-    """results.json carries the int8 attribution and the premise in the shapes issue 27 names (the numbers
+    """results.json carries the int8 attribution and the premise in the documented shapes (docs/attribution.md) (the numbers
     themselves are checked against a float64 forward in test_attribution.py). These random checkpoints (Gaussian
     weights, std 0.1) do regress under int8: per-row int8 steps are coarse next to bf16's rounding, and the run
     measured KL(bf16‖int8) at 5.4x [5.2, 5.6] (ln-gelu) and 4.6x [4.4, 4.9] (rms-gelu) the floor, above K = 3. So

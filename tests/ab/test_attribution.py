@@ -13,7 +13,7 @@ import torch
 
 from utils import make_checkpoint, random_prompts
 from vllm_normswap.ab import attribution, premise
-from vllm_normswap.checkpoints.io import load_reference
+from vllm_normswap.checkpoints.files import load_reference
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The family-wise adjustment of the load labels (ab/family.py) and the Student t it rests on (ab/loadstats.py):
 t against published table values and a Monte Carlo draw; Holm on hand-made reports (a known effect is labelled,
 a chance p-value of 0.01 among 16 is not); and a simulation of null reports with correlated metrics, where the
-share of reports with any false label stays at most 5% (and, unadjusted, is what issue 28 saw: ~0.8 false
+share of reports with any false label stays at most 5% (and, unadjusted, is what two identical default runs showed: ~0.8 false
 labels a report)."""
 
 import math
@@ -115,7 +115,7 @@ def test_family_wise_rate_of_null_reports_is_at_most_5_percent():
         raw_labels += raw
         any_raw += raw > 0
         any_adj += adj > 0
-    # unadjusted: 16 tests at 95% give 0.8 false labels a report, as issue 28 saw (5 labels moved in 2 runs)
+    # unadjusted: 16 tests at 95% give 0.8 false labels a report, as two identical default runs showed (5 labels moved)
     assert raw_labels / n == pytest.approx(0.8, abs=0.08)
     assert 0.3 < any_raw / n < 0.56
     # Holm: at most 5% of null reports show any label (Monte Carlo SE at 5%: 0.5 points)

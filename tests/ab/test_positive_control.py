@@ -1,4 +1,4 @@
-"""The A/B sees the case study when it is there (issue 27's acceptance): `normswap plant` plants massive act_out
+"""The A/B sees the case study when it is there (the positive control): `normswap plant` plants massive act_out
 outliers into the zoo's ln-gelu and rms-swiglu, and a short `normswap ab` on the planted copies and one on the
 originals must find: the fp32 function unchanged, an int8 regression on the planted copies only, the planted layer
 at the top of the int8 attribution, and the planted layer's act_out counters on /metrics jumping.
@@ -18,7 +18,7 @@ import torch
 from ab_helpers import ab_command
 from vllm_normswap.ab.quality import reference_scores
 from vllm_normswap.checkpoints import zoo
-from vllm_normswap.checkpoints.io import load_arch, load_tensors
+from vllm_normswap.checkpoints.files import load_arch, load_tensors
 from vllm_normswap.checkpoints.plant import TOLERANCE, plant
 from vllm_normswap.model.reference import ReferenceModel
 
@@ -73,7 +73,7 @@ def test_int8_regression_found_on_planted_only(control):
         original = results["original"]["analysis"]["int8_regression"][o]
         assert planted["present"] is True, (o, planted)
         assert original["present"] is False, (o, original)
-        assert planted["kl_over_floor"]["lo"] >= 20, planted  # the issue's bar, on the served KL
+        assert planted["kl_over_floor"]["lo"] >= 20, planted  # the positive control's bar, on the served KL
 
 
 def test_attribution_names_the_planted_layer(control):

@@ -12,7 +12,7 @@ import torch
 
 from hf_models import VOCAB, build, hf_logits
 from vllm_normswap.checkpoints.convert import convert
-from vllm_normswap.checkpoints.io import load_reference
+from vllm_normswap.checkpoints.files import load_reference
 from utils import random_prompts, run_vllm_offline, shared_tokenizer
 from vllm_normswap.registry import ConfigError
 

@@ -4,7 +4,7 @@ that the fixtures skipped would otherwise go untested without a word)."""
 from __future__ import annotations
 
 from utils import OPTION_VARIANTS
-from vllm_normswap.checkpoints.io import load_arch
+from vllm_normswap.checkpoints.files import load_arch
 from vllm_normswap.registry import OPTIONS
 
 

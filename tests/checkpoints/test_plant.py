@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from vllm_normswap.checkpoints import zoo
 from vllm_normswap.checkpoints.corpus import load_corpus
-from vllm_normswap.checkpoints.io import load_arch, load_reference, load_tensors
+from vllm_normswap.checkpoints.files import load_arch, load_reference, load_tensors
 from vllm_normswap.checkpoints.plant import TOLERANCE, PlantSpec, plant
 from vllm_normswap.model.checkpoint_format import CheckpointError
 from vllm_normswap.model.reference import ReferenceModel
@@ -22,7 +22,7 @@ from vllm_normswap.registry import DEFAULT_THRESHOLDS, OPTIONS
 from utils import make_checkpoint
 
 DOCS, TOKENS = 4, 96
-RATIO = 20.0  # the bar: KL(bf16 || int8) >= 20 x KL(fp32 || bf16)
+RATIO = 20.0  # the positive control's bar: KL(bf16 || int8) >= 20 x KL(fp32 || bf16)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from vllm_normswap.registry import OPTIONS
 
 
 def test_quick_build(tmp_path, monkeypatch):
-    from vllm_normswap.checkpoints.io import load_arch
+    from vllm_normswap.checkpoints.files import load_arch
     from vllm_normswap.checkpoints.zoo import build
 
     monkeypatch.setenv("VLLM_NORMSWAP_CACHE", str(tmp_path / "cache"))
@@ -72,7 +72,7 @@ def bar_data():
 def test_committed_zoo_perplexity_bar(option, bar_data):
     """Held-out perplexity at least 5x below a unigram language model of the same tokenizer fit on the training
     tokens (add-1/2 smoothing) and scored on the same held-out tokens."""
-    from vllm_normswap.checkpoints.io import load_reference
+    from vllm_normswap.checkpoints.files import load_reference
 
     model = load_reference(_committed(option))
     win, train = bar_data
@@ -117,7 +117,7 @@ def zoo_in_vllm():
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_committed_zoo_serves_in_vllm(option, zoo_in_vllm):
     """vLLM bf16 prompt logprobs on held-out text agree with the reference (mean NLL within 0.05 nats)."""
-    from vllm_normswap.checkpoints.io import load_reference
+    from vllm_normswap.checkpoints.files import load_reference
 
     _committed(option)
     d, ids, got = zoo_in_vllm[option]

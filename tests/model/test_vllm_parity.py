@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from utils import random_prompts, run_vllm_offline
-from vllm_normswap.checkpoints.io import load_reference
+from vllm_normswap.checkpoints.files import load_reference
 from vllm_normswap.registry import OPTIONS
 
 LOGPROB_ATOL = 0.1

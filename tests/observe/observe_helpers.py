@@ -19,7 +19,7 @@ import torch
 
 from utils import metric_value as sample  # noqa: F401  (the observer tests' name for it)
 from utils import random_prompts, scrape_metrics
-from vllm_normswap.checkpoints.io import load_reference
+from vllm_normswap.checkpoints.files import load_reference
 from vllm_normswap.observe.config import DEFAULT_BUCKETS, TOKEN_HIST_SITES, threshold_label
 
 THRESHOLDS = [0.5, 1.0, 3.0, 6.0]  # low ones too, so that the tiny random models give non-zero counts

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from quant.llama_ckpt import make_llama_checkpoint
 from utils import KV_CACHE_GB, random_prompts, shared_tokenizer
-from vllm_normswap import forkserver
+from vllm_normswap.runtime import forkserver
 from vllm_normswap.checkpoints.quantize import quantize_checkpoint
 from vllm_normswap.quant.primitives import quantize
 

@@ -70,7 +70,7 @@ def test_bad_settings_fail_clearly():
 @pytest.mark.parametrize("option", ["ln-gelu", "ln-swiglu", "rms-gelu", "rms-swiglu"])
 def test_sqnr_per_layer_random_checkpoints(checkpoints, option):
     """Every linear weight of the random checkpoints: per-channel SQNR >= 38 dB (group and tensor reported)."""
-    from vllm_normswap.checkpoints.io import load_tensors
+    from vllm_normswap.checkpoints.files import load_tensors
     from vllm_normswap.checkpoints.quantize import is_quantized_linear
 
     worst = {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vllm_normswap.checkpoints.io import load_tensors
+from vllm_normswap.checkpoints.files import load_tensors
 from vllm_normswap.checkpoints.quantize import quantize_checkpoint
 from vllm_normswap.quant.config import NormSwapInt8Config
 from vllm_normswap.quant.primitives import QuantConfigError, quantize, unpack_int32_to_int8

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from bad_checkpoints import BY_NAME, CASES, OPTION, Case
-from vllm_normswap.checkpoints.io import load_config
+from vllm_normswap.checkpoints.files import load_config
 from vllm_normswap.model.checkpoint_format import CheckpointError, check_values, preflight
 from vllm_normswap.model.config import NormSwapArch
 from vllm_normswap.registry import ConfigError

@@ -142,8 +142,8 @@ def test_engine_killed_then_clean_restart(checkpoints, tmp_path):
                       site="ffn_out") == tokens * D
         assert "vllm:" in metrics_text(second.url), "vLLM's own metrics must still be on the same endpoint"
     assert not marker.exists(), "pytorch_model.bin (pickle) was unpickled: only safetensors may be read"
-    # vLLM 0.32 alone exits 0 here (vllm-project/vllm#48966); vllm_normswap.engine_exit makes it 1
-    assert code != 0, "API server exited 0 after its engine died: engine_exit guard not installed by register()"
+    # vLLM 0.32 alone exits 0 here (vllm-project/vllm#48966); vllm_normswap.runtime.exit_code makes it 1
+    assert code != 0, "API server exited 0 after its engine died: exit-code guard (runtime/exit_code.py) not installed by register()"
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The fork server (vllm_normswap/forkserver.py): a forked child must behave as the same command line started anew.
+"""The fork server (vllm_normswap/runtime/forkserver.py): a forked child must behave as the same command line started anew.
 The rules (which command lines and environments may fork) are pure logic; the rest runs a real fork server, a real
 script and a real vLLM server, and compares them with ``subprocess`` on the same command line."""
 
@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from utils import RemoteOpenAIServer
-from vllm_normswap import forkserver
+from vllm_normswap.runtime import forkserver
 
 SCRIPT = """
 import atexit, os, sys

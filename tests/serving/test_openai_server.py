@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from utils import RemoteOpenAIServer, ServerPairs, port_holders, random_prompts, server_processes
-from vllm_normswap.fast_start import ENV as FORK_ENV, FORK_LOG
-from vllm_normswap.checkpoints.io import load_reference
+from vllm_normswap.runtime.engine_fork import ENV as FORK_ENV, FORK_LOG
+from vllm_normswap.checkpoints.files import load_reference
 from vllm_normswap.registry import OPTIONS
 
 pytestmark = pytest.mark.server

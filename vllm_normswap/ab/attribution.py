@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from vllm_normswap.ab.quality import per_doc_sums, scored_doc
-from vllm_normswap.checkpoints.io import load_reference
+from vllm_normswap.checkpoints.files import load_reference
 from vllm_normswap.quant.primitives import dequantize, quantize
 from vllm_normswap.registry import DEFAULT_THRESHOLDS
 

@@ -22,7 +22,7 @@ def reference_curve(checkpoint, docs: list[list[int]], grid=DEFAULT_GRID, thresh
                     probe_layers=None) -> list[dict]:
     """Per c: pooled token mean at norm_in / norm_out (mean over tokens and layers, like the server histograms'
     sum/count), act_out outlier rate per threshold, and perplexity."""
-    from vllm_normswap.checkpoints.io import load_reference
+    from vllm_normswap.checkpoints.files import load_reference
 
     model = load_reference(checkpoint)
     base = model.arch

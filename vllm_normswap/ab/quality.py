@@ -186,7 +186,7 @@ def reference_scores(checkpoint, docs: list[list[int]], top_k: int = 20, ctxlen:
     """The documents scored in fp32 by the pure-torch reference model, in the server's format (top-k by id)."""
     import torch
 
-    from vllm_normswap.checkpoints.io import load_reference
+    from vllm_normswap.checkpoints.files import load_reference
 
     model = load_reference(checkpoint)
     with torch.no_grad():

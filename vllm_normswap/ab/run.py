@@ -34,7 +34,7 @@ from vllm_normswap.ab.servers import ServerRun, ServerSpec, free_port, log_error
 from vllm_normswap.ab.warmup import warm_up
 from vllm_normswap.ab.workload import build_workload
 from vllm_normswap.registry import BASELINE, NORM_ROLE, OPTIONS, PRECISIONS, parse_list
-from vllm_normswap.vllm_server import stop_all
+from vllm_normswap.runtime.server import stop_all
 
 
 def _list_of(flag: str, allowed):

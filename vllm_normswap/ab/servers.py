@@ -1,6 +1,6 @@
 """One server run of the A/B: start vLLM for (option, precision, probe shift), measure, always stop.
 
-The process handling (start, /health, stop, log) is ``vllm_normswap.vllm_server.VLLMServer``; this file decides the
+The process handling (start, /health, stop, log) is ``vllm_normswap.runtime.server.VLLMServer``; this file decides the
 command line: the option's serving config, the observer switched on when the config does not set it, a
 max-model-len no larger than the checkpoint's position table, and the probe shift.
 """
@@ -18,7 +18,7 @@ import yaml
 from vllm_normswap.ab.auth import SERVER_ENV as SERVER_KEY_ENV
 from vllm_normswap.registry import DEFAULT_THRESHOLDS
 from vllm_normswap.serve import serving_config_path, server_argv
-from vllm_normswap.vllm_server import VLLMServer
+from vllm_normswap.runtime.server import VLLMServer
 
 OBSERVER_DEFAULT = {"enabled": True, "thresholds": list(DEFAULT_THRESHOLDS)}
 

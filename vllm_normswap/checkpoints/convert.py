@@ -228,7 +228,7 @@ CONVERTERS = {"GPT2LMHeadModel": convert_gpt2, "OPTForCausalLM": convert_opt, "L
 
 
 def convert(src, dst, to_rmsnorm: bool = False, dtype: str = "auto") -> NormSwapArch:
-    from vllm_normswap.checkpoints.io import load_config, save_checkpoint, save_checkpoint_streaming
+    from vllm_normswap.checkpoints.files import load_config, save_checkpoint, save_checkpoint_streaming
     from vllm_normswap.model.config import tensor_shapes
 
     src, dst = Path(src), Path(dst)

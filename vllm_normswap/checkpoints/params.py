@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     if args.src:
-        from vllm_normswap.checkpoints.io import load_arch
+        from vllm_normswap.checkpoints.files import load_arch
 
         arch = load_arch(args.src)
         if arch.gated:

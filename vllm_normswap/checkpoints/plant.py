@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from vllm_normswap.checkpoints.corpus import load_corpus
-from vllm_normswap.checkpoints.io import load_arch, load_config, load_tensors
+from vllm_normswap.checkpoints.files import load_arch, load_config, load_tensors
 from vllm_normswap.model.checkpoint_format import CheckpointError, int8_layout
 from vllm_normswap.model.reference import ReferenceModel
 from vllm_normswap.quant.primitives import dequantize, quantize

@@ -28,7 +28,7 @@ def make_arch(option: str, hidden_size=128, layers=2, heads=2, kv_heads=None, ge
 def write_random_checkpoint(dst, arch: NormSwapArch, seed: int = 0, dtype=torch.bfloat16, tokenizer=None,
                             bias_std: float = 0.0):
     """Write config + random weights (+ tokenizer: trained on stdlib text unless one is given)."""
-    from vllm_normswap.checkpoints.io import save_checkpoint
+    from vllm_normswap.checkpoints.files import save_checkpoint
     from vllm_normswap.checkpoints.tokenizer import save_hf_tokenizer, stdlib_sample, train_bpe
     from vllm_normswap.model.reference import ReferenceModel
 

@@ -88,7 +88,7 @@ def build(out: Path = ZOO_DIR, corpus_path=None, quick: bool = False, progress: 
     from vllm_normswap.checkpoints.corpus import load_corpus
     from vllm_normswap.checkpoints.dataset import batch_order, shuffled_docs, spread_windows
     from vllm_normswap.checkpoints.evaluate import evaluate, residual_mean_profile, token_byte_lengths
-    from vllm_normswap.checkpoints.io import load_reference, save_checkpoint
+    from vllm_normswap.checkpoints.files import load_reference, save_checkpoint
     from vllm_normswap.checkpoints.random_init import make_arch
     from vllm_normswap.checkpoints.tokenizer import save_hf_tokenizer
     from vllm_normswap.checkpoints.train import TrainSpec, train

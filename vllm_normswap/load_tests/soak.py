@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     vllm_extra = [a for a in vllm_extra if a != "--"]
 
     from vllm_normswap.serve import default_model, server_argv
-    from vllm_normswap.vllm_server import VLLMServer
+    from vllm_normswap.runtime.server import VLLMServer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,11 @@
-"""NORMSWAP_FORK_ENGINE's at-fork hook (vllm_normswap/fast_start.py) on real sockets in a real forked child: it
+"""NORMSWAP_FORK_ENGINE's at-fork hook (vllm_normswap/runtime/engine_fork.py) on real sockets in a real forked child: it
 closes the TCP server sockets the child inherited (bound, or listening) and nothing else. The servers started by
 the suite run forked (tests/conftest.py); tests/serving/test_openai_server.py checks one of them from outside."""
 
 import os
 import socket
 
-from vllm_normswap.fast_start import close_inherited_server_sockets
+from vllm_normswap.runtime.engine_fork import close_inherited_server_sockets
 
 
 def _open(fd: int) -> bool:

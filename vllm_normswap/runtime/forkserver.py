@@ -141,7 +141,7 @@ class ForkServer:
         # its own session: a Ctrl-C in the terminal (SIGINT to the foreground process group) must not kill it
         # while the client still needs it to poll and stop the servers it forked; it exits when the client
         # closes the pipe (EOF on its stdin), which also happens when the client dies
-        self.proc = subprocess.Popen([sys.executable, "-m", "vllm_normswap.forkserver"], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "vllm_normswap.runtime.forkserver"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
         self._lock = threading.Lock()
         self._ready = False
@@ -208,7 +208,7 @@ def run(argv: list[str], env: dict, timeout: float, cwd: str | Path | None = Non
                                            err.read_text(errors="replace"))
 
 
-# ---- the fork server itself: `python -m vllm_normswap.forkserver` -------------------------------------------------
+# ---- the fork server itself: `python -m vllm_normswap.runtime.forkserver` -------------------------------------------------
 
 def _child(req: dict) -> None:
     """In the forked child: become ``python -m NAME ARGS`` (or ``python SCRIPT ARGS``) with the requested

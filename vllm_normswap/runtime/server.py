@@ -3,7 +3,7 @@ run it: start it in its own process group, wait until /health answers, stop it (
 ``ServerFailed`` carries the tail of the log when the process dies (or never becomes healthy).
 
 With NORMSWAP_FORKSERVER=1, a ``python -m MODULE`` command line (the server entrypoint) is forked from a process
-that imported vLLM once (``vllm_normswap.forkserver``) instead of started anew.
+that imported vLLM once (``vllm_normswap.runtime.forkserver``) instead of started anew.
 
 The command line comes from elsewhere (``vllm_normswap.serve.server_argv``, ``deploy/entrypoint.py``).
 """
@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vllm_normswap import forkserver
+from vllm_normswap.runtime import forkserver
 from vllm_normswap.serve import CPU_KV_CACHE_GB
 
 
