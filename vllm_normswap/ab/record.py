@@ -3,8 +3,8 @@
 - ``new_run_dir``: runs/<timestamp>, or runs/<timestamp>-2, -3, ... when that folder exists (two runs started in
   the same second get distinct folders: ``mkdir`` without ``exist_ok`` is the atomic claim).
 - ``save``: results.json (the raw measurements) after every phase, before any analysis or plot, written to a
-  temporary file and renamed over the old one (``os.replace``), so a crash or a kill mid-write leaves the previous
-  complete file. Everything written is redacted (``auth.redact``): no API key reaches disk.
+  temporary file and renamed over the old one (vllm_normswap/atomic.py), so a crash or a kill mid-write leaves
+  the previous complete file. Everything written is redacted (``auth.redact``): no API key reaches disk.
 - ``load``: results.json back, observer counts with their tuple keys again, for ``normswap ab --report RUN``.
 - ``interruptible``: SIGINT and SIGTERM raise ``Interrupted`` in the main thread (SIGTERM would otherwise end the
   process without running any ``finally``); a second signal while the run stops is noted and ignored, so the
@@ -16,12 +16,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
+from vllm_normswap.atomic import write_text_atomic
 from vllm_normswap.ab import auth, metrics
 
 RESULTS = "results.json"
@@ -42,20 +41,6 @@ def new_run_dir(parent: Path) -> Path:
     raise RuntimeError(f"{parent}: 999 run folders named {stamp}*; remove some")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def serializable(results: dict) -> dict:
     """results with observer counts keyed by strings (JSON has no tuple keys), redacted."""
     out = dict(results)
@@ -66,7 +51,7 @@ def serializable(results: dict) -> dict:
 
 def save(run_dir: Path, results: dict) -> Path:
     path = Path(run_dir) / RESULTS
-    write_atomic(path, json.dumps(serializable(results), indent=1, default=str))
+    write_text_atomic(path, json.dumps(serializable(results), indent=1, default=str))
     return path
 
 
@@ -97,7 +82,7 @@ def scrub(run_dir: Path) -> list[Path]:
         except (UnicodeDecodeError, OSError):
             continue
         if any(k in text for k in keys):
-            write_atomic(path, auth.redact_text(text))
+            write_text_atomic(path, auth.redact_text(text))
             done.append(path)
     return done
 

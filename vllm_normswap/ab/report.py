@@ -8,6 +8,7 @@ import html
 import re
 from pathlib import Path
 
+from vllm_normswap.atomic import write_text_atomic
 from vllm_normswap.ab import analysis as analysis_mod
 from vllm_normswap.ab import auth, family, plots, record
 from vllm_normswap.ab.loadstats import LATENCY_KEYS
@@ -130,7 +131,7 @@ def write(results: dict, run_dir) -> dict[str, Path]:
         md += [f"## {title}\n", _md_table(h, rows), ""]
     md += ["## Figures\n", "See report.html (figures inlined as PNG) and figures/*.png."]
     md += [f"- **figure failed: {title}** ({err}); the data are in results.json" for title, err in fig_errors.items()]
-    record.write_atomic(run_dir / "report.md", auth.redact_text("\n".join(md) + "\n"))
+    write_text_atomic(run_dir / "report.md", auth.redact_text("\n".join(md) + "\n"))
     body = [f"<h1>normswap A/B report</h1><p>{html.escape(head)}</p>", "<h2 id='decision'>Decision</h2><ul>"]
     body += [f"<li>{html.escape(line)}</li>" for line in dec["text"]] + ["</ul>"]
     for title, h, rows in tabs:
@@ -148,7 +149,7 @@ def write(results: dict, run_dir) -> dict[str, Path]:
                         else "<p><em>no data for this figure (see failed runs)</em></p>")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px} img{max-width:100%} li{margin:.4em 0}")
-    record.write_atomic(run_dir / "report.html", auth.redact_text(
+    write_text_atomic(run_dir / "report.html", auth.redact_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>normswap A/B</title><style>{style}</style></head>"
         f"<body>{''.join(body)}</body></html>"))
     record.save(run_dir, results)

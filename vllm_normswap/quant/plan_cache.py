@@ -18,11 +18,11 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
 
+from vllm_normswap.atomic import write_text_atomic
 from vllm_normswap.logs import plugin_logger
 from vllm_normswap.quant.cpu_kernels import native_bf16
 
@@ -127,14 +127,7 @@ def save(key: str, entry: dict, paths: tuple[str, ...], buckets: int) -> None:
     body = json.dumps({"fingerprint": fingerprint(), "entries": dict(sorted(entries.items()))}, indent=1)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(body + "\n")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_text_atomic(path, body + "\n")
     except OSError as err:
         _log().warning_once("normswap_int8: cannot write the kernel plan cache %s (%s); each start measures "
                             "the plan again", path, err)
