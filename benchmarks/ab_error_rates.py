@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_int8 import cpu_info  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
+from machine import cpu_info  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
 
 LATENCY_KEYS = ("throughput", "ttft_p50", "tpot_mean", "e2e_p50")
 

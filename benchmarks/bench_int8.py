@@ -26,6 +26,8 @@ memory read bandwidth, measured here.
 --sweep: the whole table on this machine, side by side in one run: decode at batch 1, 2, 4, 8, 16, 32 and prefill
 512 for bf16, int8 and llama.cpp Q8_0 (benchmarks/llama_cpp_peer.py, same shape) at each of --sweep-threads
 worker threads, with every ratio; --save writes it as a result file for benchmarks/README.md.
+This file measures; the machine's figures are machine.py's, the llama.cpp column llama_cpp_column.py's (which runs
+llama_cpp_peer.py), the result files int8_tables.py's.
 Default vocab 44032 makes the model just over 1B parameters (untied LM head, full multi-head attention).
 """
 
@@ -41,80 +43,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from vllm_normswap.serve import CPU_KV_CACHE_GB
+from int8_tables import e2e_table, readme_table
+from llama_cpp_column import run_peer
+from machine import bind_cpus, cpu_info, gpu_read_bw, read_bw
 
 
-def read_bw(threads: int = 1, mib: int = 512, reps: int = 3) -> float:
-    """Bytes/s that ``threads`` cores read from memory, each from four streams at once (as the int8 GEMV reads),
-    measured in this run: the batch-1 roofline. A fixed figure would not do: the CPU and a shared box's
-    neighbours move it. (The int8 kernel reads from 8 streams per thread and can beat this probe.)"""
-    import numba
-    import numpy as np
+def kv_cache_gb() -> str:
+    """The images' KV-cache default, imported here and not at the top: llama_cpp_peer.py imports this file for its
+    parser under the peer's Python, which has llama.cpp but not this package."""
+    from vllm_normswap.serve import CPU_KV_CACHE_GB
 
-    @numba.njit(fastmath=True)
-    def read4(a):  # four streams a quarter of a apart (indexing from an offset defeats numba's vectorizer)
-        q = a.size // 4
-        s0 = s1 = s2 = s3 = 0
-        for i in range(q):
-            s0 += a[i]
-            s1 += a[i + q]
-            s2 += a[i + 2 * q]
-            s3 += a[i + 3 * q]
-        return s0 + s1 + s2 + s3
-
-    @numba.njit(parallel=True)
-    def read(a, t):
-        n = a.size // t
-        part = np.zeros(t, np.int64)
-        for j in numba.prange(t):  # one contiguous share per thread
-            part[j] = read4(a[j * n:(j + 1) * n])
-        return part.sum()
-
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    a = np.ones(mib << 18, np.int32)
-    assert read(a, threads) == (a.size // threads // 4) * 4 * threads  # every element read once
-    best = min(seconds(lambda: read(a, threads)) for _ in range(reps))
-    return a.nbytes / best
-
-
-def gpu_read_bw(gib: int = 2, reps: int = 5) -> float:
-    """Bytes/s the GPU reads from its memory (a sum over a buffer far larger than its L2 cache): the roofline of
-    bandwidth-bound decode. Measured in this process after the engines are gone, so it has the GPU to itself."""
-    import torch
-
-    x = torch.ones(gib << 28, dtype=torch.float32, device="cuda")
-    x.sum()
-    best = float("inf")
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        x.sum()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    nbytes = x.numel() * x.element_size()
-    del x
-    torch.cuda.empty_cache()
-    return nbytes / best
+    return CPU_KV_CACHE_GB
 
 
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
-EMULATED_AVX2 = os.environ.get("NORMSWAP_AS_AVX2") == "1"  # scripts/as_avx2.sh holds every kernel choice to AVX2
-KIND_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_info() -> dict:
-    """The CPU model, core count and the flags that decide which kernels run (ours, vLLM's bf16 linear and
-    llama.cpp's); every benchmark here records it."""
-    text = Path("/proc/cpuinfo").read_text()
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith("flags")), "").split())
-    kind = "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512 without BF16" if "avx512f" in flags else "AVX2"
-    seen = [f for f in KIND_FLAGS if f in flags]
-    if EMULATED_AVX2:
-        return {"model": model, "cores": os.cpu_count(), "flags": ["avx2"], "kind": f"AVX2 (emulated on {kind})",
-                "emulated_on": seen}
-    return {"model": model, "cores": os.cpu_count(), "flags": seen, "kind": kind}
 
 
 def step_bytes(cfg: dict, weight_bytes: float) -> float:
@@ -125,12 +67,6 @@ def step_bytes(cfg: dict, weight_bytes: float) -> float:
 def is_rate(key: str) -> bool:
     """The throughput figures (higher is better; the best over rounds is kept)."""
     return key.startswith("decode_tok_s_batch") or key == "prefill_tok_s_512"
-
-
-def seconds(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def write_config(dst: Path, a) -> dict:
@@ -204,15 +140,6 @@ OP_KINDS = (  # (kind, substrings of torch.profiler keys), first match wins
     ("bf16_gemm", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "onednn", "aten::bmm")),
     ("vllm_kernels", ("_C::", "_C_cpu::", "vllm::")),
 )
-
-
-def bind_cpus(bind: str) -> list[int]:
-    """CPU ids of the first rank of a VLLM_CPU_OMP_THREADS_BIND value such as '0', '0-1' or '0,2-3|4-7'."""
-    cpus = []
-    for part in bind.split("|")[0].split(","):
-        lo, _, hi = part.partition("-")
-        cpus += range(int(lo), int(hi or lo) + 1)
-    return cpus
 
 
 def profile_worker(model: str, mode: str, eager: bool, decode_tokens: int) -> dict:
@@ -388,7 +315,7 @@ def main() -> int:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(weight_bytes) in the worker
     bind, threads = None, None
     if cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GB)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", kv_cache_gb())
         bind = f"0-{os.cpu_count() - 1}" if a.threads_bind == "all" else a.threads_bind
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
         # the standalone kernel timings of the breakdown use as many threads as the vLLM worker gets
@@ -464,69 +391,7 @@ def main() -> int:
     return 0
 
 
-E2E_INT8 = {"normswap_int8": ("int8_over_bf16", "int8 / bf16"),
-            "normswap_int8_lm_head": ("int8_lm_head_over_bf16", "int8 + `lm_head: true` / bf16")}
-
-
-def e2e_table(result: dict, cpu: dict | None) -> dict:
-    """One run (not --sweep) as a benchmarks/README.md result file: bf16 tok/s, then each int8 configuration's
-    ratios (its tok/s in brackets), with the batch-1 bytes ceiling beside them."""
-    batches, b = result["batches"], result["bf16"]
-    measures = [f"decode_tok_s_batch{n}" for n in batches] + ["prefill_tok_s_512"]
-    rows = [["bf16 tok/s", *(_tok_s(b[m]) for m in measures), f"{b['weight_bytes'] / 1e9:.3f} GB", "-"]]
-    for mode, (key, label) in E2E_INT8.items():
-        if mode in result:
-            q, r = result[mode], result[key]
-            rows.append([label, *(f"{q[m] / b[m]:.2f}x ({_tok_s(q[m])})" for m in measures),
-                         f"{r['weight_bytes']:.2f}x", f"{r['decode_batch1_ceiling']:.2f}x"])
-    n = 0 if cpu is None else len(bind_cpus(result["threads_bind"]))
-    threads = "GPU" if cpu is None else f"{n} thread{'s' if n > 1 else ''}"
-    m = result["model"]
-    return {"title": f"int8 vs bf16 end to end, {cpu['kind'] if cpu else result['device']}, "
-                     f"{'compiled' if result['compiled'] else 'eager'}, {threads}",
-            "benchmark": f"benchmarks/bench_int8.py ({m['params'] / 1e9:.1f}B-parameter Llama shape, dummy weights, "
-                         f"{'compiled' if result['compiled'] else 'eager'}, best of {result['rounds']}, "
-                         f"--threads-bind {result['threads_bind']})",
-            "machine": f"{cpu['cores']}-core {cpu['model']}" if cpu else result["device"],
-            "cpu_flags": " ".join(cpu["flags"]) if cpu else "-",
-            "date": time.strftime("%Y-%m-%d"),
-            "notes": "decode tok/s at each batch size and prefill tok/s of one 512-token prompt. b1 ceiling: the ratio "
-                     "of bytes a decode step reads, the most int8 gains at batch 1 where both read at the memory's "
-                     "speed.",
-            "columns": ["", *(f"decode b{n}" for n in batches), "prefill 512", "weights", "b1 ceiling"],
-            "rows": rows}
-
-
 # ---------------- --sweep: batch sizes x threads x bf16 / int8 / llama.cpp ----------------
-
-def peer_python(a) -> str | None:
-    """The interpreter that runs llama_cpp_peer.py: --peer-python, else this one if it has llama_cpp."""
-    if a.peer_python:
-        return a.peer_python
-    import importlib.util
-
-    return sys.executable if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf") else None
-
-
-def run_peer(a, threads: list[int]) -> tuple[dict | None, str]:
-    """llama.cpp Q8_0 on the same shape and box: {threads: {measure: tok/s}}, or None and why not."""
-    if EMULATED_AVX2:
-        return None, ("llama.cpp column left out: its build targets this CPU's own ISA (GGML_NATIVE), which "
-                      "scripts/as_avx2.sh cannot hold to AVX2")
-    python = peer_python(a)
-    if not python:
-        return None, ("llama.cpp column left out: no llama-cpp-python here (install the 'bench' extra, or pass "
-                      "--peer-python)")
-    cmd = [python, str(Path(__file__).with_name("llama_cpp_peer.py")), "--threads", *map(str, threads),
-           "--batches", ",".join(map(str, SWEEP_BATCHES)), "--layers", str(a.layers), "--hidden", str(a.hidden),
-           "--ffn", str(a.ffn), "--vocab", str(a.vocab)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-3000:])
-        return None, f"llama.cpp column left out: {' '.join(cmd[1:2])} failed (exit {proc.returncode})"
-    out = json.loads(proc.stdout[proc.stdout.index("{"):])
-    return ({int(t): r for t, r in out["threads"].items()},
-            f"llama.cpp Q8_0 via llama-cpp-python {out['llama_cpp_python']} (every 2-D weight Q8_0, LM head included)")
 
 
 SWEEP_MEASURES = tuple(f"decode_tok_s_batch{b}" for b in SWEEP_BATCHES) + ("prefill_tok_s_512",)
@@ -540,7 +405,7 @@ def sweep(a) -> int:
     info = cpu_info()
     if max(threads) > info["cores"]:
         raise SystemExit(f"--sweep-threads {a.sweep_threads}: this machine has {info['cores']} cores")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GB)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", kv_cache_gb())
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(weight_bytes) in the worker
     runs: dict[int, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -562,7 +427,7 @@ def sweep(a) -> int:
                     best = runs[t].get(mode)
                     runs[t][mode] = r if best is None else {k: max(v, best[k]) if is_rate(k) else v
                                                             for k, v in r.items()}
-    peer, peer_note = run_peer(a, threads)
+    peer, peer_note = run_peer(a, threads, SWEEP_BATCHES)
     plans = {t: int8_plans(cfg, t) for t in threads}
     table = []
     for t in threads:
@@ -611,61 +476,6 @@ def int8_plans(cfg: dict, threads: int) -> list[dict]:
         rows.append({"layer": name, "n": n, "k": k, **({"buckets": dict(zip(cpu_plan.BUCKETS, plan.kernels)),
                                                           "ms": plan.ms} if plan else {"buckets": None})})
     return rows
-
-
-def plan_note(plans: dict) -> str:
-    """The plans in one sentence for the README table's notes."""
-    from vllm_normswap.quant.cpu_plan import BUCKETS
-
-    parts = []
-    for t, rows in plans.items():
-        cells = [f"{r['layer']} {'/'.join(r['buckets'].values())}" for r in rows if r["buckets"]]
-        parts.append(f"{t} thr: " + (", ".join(cells) or "not in the plan cache"))
-    return (f"int8 kernel plan (path per row bucket {' | '.join(BUCKETS)}, measured by the workers; result file "
-            f"key int8_plan): " + "; ".join(parts) + ".")
-
-
-def _tok_s(v: float) -> str:
-    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
-
-
-def readme_table(result: dict) -> dict:
-    """The sweep as a benchmarks/README.md result file: per thread count, bf16 and llama.cpp tok/s, then each int8
-    configuration's ratios to them (its tok/s in brackets)."""
-    cpu = result["cpu"]
-    measures = list(dict.fromkeys(r["measure"] for r in result["table"]))
-    rows = []
-    for t in dict.fromkeys(r["threads"] for r in result["table"]):
-        cells = {r["measure"]: r for r in result["table"] if r["threads"] == t}
-        peer = any("llama_cpp_tok_s" in c for c in cells.values())
-        rows.append([f"{t} thr: bf16 tok/s"] + [_tok_s(cells[m]["bf16_tok_s"]) for m in measures])
-        if peer:
-            rows.append([f"{t} thr: llama.cpp Q8_0 tok/s"] + [_tok_s(cells[m]["llama_cpp_tok_s"])
-                                                              if "llama_cpp_tok_s" in cells[m] else "-"
-                                                              for m in measures])
-        for label in SWEEP_INT8.values():
-            rows.append([f"{t} thr: {label} / bf16"] + [
-                f"{cells[m][label]['over_bf16']:.2f}x ({_tok_s(cells[m][label]['tok_s'])})" for m in measures])
-            if peer:
-                rows.append([f"{t} thr: {label} / llama.cpp"] + [
-                    f"{cells[m][label]['over_llama_cpp']:.2f}x" if "over_llama_cpp" in cells[m][label] else "-"
-                    for m in measures])
-    ratios = ", ".join(f"{label} {r:.2f}x" for label, r in result["weight_ratio"].items())
-    ceiling = ", ".join(f"{label} {r:.2f}x" for label, r in result.get("batch1_ceiling", {}).items())
-    return {"title": f"int8 vs bf16 vs llama.cpp, every batch size, {cpu['kind']}, "
-                     f"{'compiled' if result['compiled'] else 'eager'} ({result['date']})",
-            "benchmark": f"benchmarks/bench_int8.py --sweep ({result['model']['params'] / 1e9:.1f}B-parameter Llama "
-                         f"shape, dummy weights, "
-                         f"{'compiled' if result['compiled'] else 'eager'}, best of {result['rounds']})",
-            "machine": f"{cpu['cores']}-core {cpu['model']}, worker threads bound to cores 0..N-1",
-            "cpu_flags": " ".join(cpu["flags"]),
-            "date": result["date"],
-            "notes": f"decode tok/s at each batch size and prefill tok/s of one 512-token prompt. {result['peer']}. "
-                     f"Weight bytes against bf16's: {ratios}." + (
-                         f" Where both read at the memory's speed (batch 1), int8 / bf16 is at most the ratio of the "
-                         f"bytes a decode step reads: {ceiling}." if ceiling else "") + (
-                         f" {plan_note(result['int8_plan'])}" if result.get("int8_plan") else ""),
-            "columns": [""] + measures, "rows": rows, "int8_plan": result.get("int8_plan")}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 import torch
 
 import bench_int8  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
+import machine  # noqa: E402
 
 SHAPES = {"qkv": (3 * 2048, 2048), "o": (2048, 2048), "gate_up": (2 * 5632, 2048), "down": (2048, 5632)}
 CYCLE_BYTES = 128 << 20  # weights cycled per kernel: well above the L3 of the CPUs we run on (<= ~100 MiB)
@@ -95,7 +96,7 @@ def main() -> int:
                     row["bf16_over_cpp"] = row["bf16_ms"] / row["cpp_ms"]
                 rows.append(row)
         del weights, bf16
-    print(json.dumps({"cpu": bench_int8.cpu_info(), "torch": torch.__version__, "isa": cpp_kernel.ISAS[isa],
+    print(json.dumps({"cpu": machine.cpu_info(), "torch": torch.__version__, "isa": cpp_kernel.ISAS[isa],
                       "granularity": a.granularity, "rows": rows}, indent=1))
     return 0
 

@@ -1,11 +1,9 @@
 """Step runner and JSON writer of benchmarks/gpu_check.sh (standard library only: it runs before the GPU
-environment exists).
+environment exists). The pytest report conversion is junit_report.py; the GPU and version probes, gpu_probe.py.
 
     python benchmarks/gpu_check.py step --out DIR --name NAME --limit S [--stdout-json | --junit] [--dry-run]
                                         -- CMD...
     python benchmarks/gpu_check.py finish --out DIR
-    python benchmarks/gpu_check.py gpu-info        # nvidia-smi's view of the GPUs, as JSON on stdout
-    python benchmarks/gpu_check.py versions        # torch / CUDA / vLLM / kernel choice, as JSON on stdout
 
 Every step leaves steps/NAME.json (status, duration, limit, command, the paths of its files) and rewrites
 summary.json, so whatever ends the run early, the results so far are on disk. Data files: NAME.json (the command's
@@ -21,14 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from junit_report import junit_to_json
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 600  # the whole check must fit in a GPU for 10 minutes
@@ -47,38 +45,6 @@ def write_json(path: Path, obj) -> None:
 def rel(path: Path, out: Path) -> str:
     """Paths in the JSON are relative to the output dir: it is copied off the machine as a whole."""
     return str(Path(os.path.relpath(path, out)))
-
-
-# ---------------- pytest report -> JSON ----------------
-
-def junit_to_json(xml_path: Path) -> dict:
-    """One entry per test: outcome (passed | failed | error | skipped), duration, message and the lines the test
-    printed (the KL figures). A report that is missing (pytest killed) or unreadable says so."""
-    if not xml_path.exists():
-        return {"error": f"no pytest report at {xml_path.name} (pytest did not finish)", "tests": [], "counts": {}}
-    try:
-        root = ET.parse(xml_path).getroot()
-    except ET.ParseError as err:
-        return {"error": f"unreadable pytest report: {err}", "tests": [], "counts": {}}
-    tests = []
-    for case in root.iter("testcase"):
-        outcome, message = "passed", ""
-        for tag in ("error", "failure", "skipped"):
-            el = case.find(tag)
-            if el is not None:
-                outcome = {"failure": "failed"}.get(tag, tag)
-                message = el.get("message") or (el.text or "").strip()[:2000]
-                break
-        printed = []
-        for el in case.findall("system-out"):
-            printed += [line for line in (el.text or "").splitlines() if line.strip() and not line.startswith("---")]
-        tests.append({"name": case.get("name"), "classname": case.get("classname"),
-                      "outcome": outcome, "duration_s": round(float(case.get("time") or 0), 3),
-                      "message": message, "printed": printed})
-    counts: dict[str, int] = {}
-    for t in tests:
-        counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
-    return {"tests": tests, "counts": counts}
 
 
 # ---------------- one step ----------------
@@ -230,72 +196,6 @@ def finish(a) -> int:
     return 0 if summary["ok"] else 1
 
 
-# ---------------- what the GPU machine is ----------------
-
-GPU_FIELDS = ("index", "name", "uuid", "driver_version", "memory.total", "memory.used", "compute_cap",
-              "clocks.max.sm", "clocks.max.memory", "power.limit", "pcie.link.gen.max", "mig.mode.current",
-              "temperature.gpu")
-GPU_FIELDS_BASIC = ("index", "name", "driver_version", "memory.total")  # older drivers lack some of the above
-
-
-def gpu_info() -> dict:
-    def query(fields):
-        try:
-            proc = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}",
-                                   "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
-        except FileNotFoundError:
-            raise SystemExit("nvidia-smi not found: no NVIDIA driver on this machine") from None
-        if proc.returncode:
-            return None
-        return [dict(zip(fields, (v.strip() for v in line.split(",")))) for line in proc.stdout.splitlines()
-                if line.strip()]
-
-    gpus = query(GPU_FIELDS) or query(GPU_FIELDS_BASIC)
-    if gpus is None:
-        raise SystemExit("nvidia-smi --query-gpu failed")
-    header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
-    cuda = re.search(r"CUDA Version:\s*([\d.]+)", header)
-    return {"gpus": gpus, "count": len(gpus), "driver_version": gpus[0].get("driver_version"),
-            "driver_cuda_version": cuda.group(1) if cuda else None, "cpu_count": os.cpu_count()}
-
-
-def versions() -> dict:
-    """The installed stack, what torch sees, and which vLLM kernel normswap_int8's GPU path will get."""
-    import platform
-
-    import torch
-    import vllm
-
-    import vllm_normswap
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "vllm": vllm.__version__, "vllm_normswap": vllm_normswap.__version__,
-            "vllm_normswap_file": vllm_normswap.__file__, "cuda_available": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        info.update(device=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
-                    device_count=torch.cuda.device_count())
-    try:
-        from vllm.platforms import current_platform
-
-        info["vllm_platform"] = current_platform.device_type
-        from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
-        from vllm.scalar_type import scalar_types
-
-        chosen = {}
-        for label, group in (("channel", -1), ("group64", 64), ("group128", 128)):
-            cfg = MPLinearLayerConfig(full_weight_shape=(2048, 2048), partition_weight_shape=(2048, 2048),
-                                      weight_type=scalar_types.uint8b128, act_type=torch.bfloat16,
-                                      group_size=group, zero_points=False)
-            try:
-                chosen[label] = choose_mp_linear_kernel(cfg).__name__
-            except Exception as err:  # noqa: BLE001  (no kernel fits: that is the finding)
-                chosen[label] = f"none: {err}"
-        info["int8_kernel_2048x2048"] = chosen
-    except Exception as err:  # noqa: BLE001
-        info["kernel_query_error"] = repr(err)
-    return info
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -311,15 +211,10 @@ def main(argv=None) -> int:
     s.add_argument("cmd", nargs=argparse.REMAINDER)
     f = sub.add_parser("finish", help="write the final summary.json; exit 0 when every step is ok")
     f.add_argument("--out", required=True)
-    sub.add_parser("gpu-info")
-    sub.add_parser("versions")
     a = ap.parse_args(argv)
     if a.command == "step":
         return step(a)
-    if a.command == "finish":
-        return finish(a)
-    print(json.dumps(gpu_info() if a.command == "gpu-info" else versions(), indent=1))
-    return 0
+    return finish(a)
 
 
 if __name__ == "__main__":

@@ -68,9 +68,9 @@ junit() { echo "--junitxml=$out/$1.junit.xml"; }
 pytest_opts=(-q -p no:cacheprovider -o junit_logging=system-out -o junit_log_passing_tests=true)
 
 [ "$dry" = 1 ] && echo "gpu_check plan (dry run; output dir $out):"
-step gpu_info 10 --stdout-json -- "$PYTHON" benchmarks/gpu_check.py gpu-info
+step gpu_info 10 --stdout-json -- "$PYTHON" benchmarks/gpu_probe.py gpu-info
 step install 170 -- env VENV="$venv" EXTRAS=test scripts/install.sh gpu
-step versions 20 --stdout-json -- "$py" benchmarks/gpu_check.py versions
+step versions 20 --stdout-json -- "$py" benchmarks/gpu_probe.py versions
 step test_int8_vllm 120 --junit -- "$py" -m pytest tests/quant/test_int8_vllm.py "${pytest_opts[@]}" \
     -k "not tp2 and not misconfiguration" "$(junit test_int8_vllm)"
 step test_int8_options 100 --junit -- "$py" -m pytest tests/quant/test_int8_options.py "${pytest_opts[@]}" \

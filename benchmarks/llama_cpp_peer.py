@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import statistics
@@ -172,7 +173,7 @@ def ensure_gguf(s: dict, directory: Path = CACHE_DIR, seed: int = 0) -> tuple[Pa
 # ---------------- machine ----------------
 
 def cpu_info() -> dict:
-    return _bench_int8().cpu_info()
+    return _sibling("machine").cpu_info()
 
 
 # ---------------- llama.cpp timing ----------------
@@ -336,21 +337,19 @@ def measure(shape: dict, threads: list[int], batches: list[int], prefill_tokens:
 
 # ---------------- CLI ----------------
 
-def _bench_int8():
-    """bench_int8.py, next to this file (benchmarks/ is not a package)."""
+def _sibling(name: str):
+    """A module next to this file (benchmarks/ is not a package): bench_int8 (its config and sizes) or machine."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
-    import bench_int8
-
-    return bench_int8
+    return importlib.import_module(name)
 
 
 def bench_int8_shape(a: argparse.Namespace) -> dict:
     """bench_int8.py's own config dict for these sizes (its write_config decides heads and the rest), with
     --heads / --kv-heads overriding it."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _bench_int8().write_config(Path(tmp), a)
+        cfg = _sibling("bench_int8").write_config(Path(tmp), a)
     if a.heads:
         cfg["num_attention_heads"] = a.heads
     if a.kv_heads:
@@ -359,7 +358,7 @@ def bench_int8_shape(a: argparse.Namespace) -> dict:
 
 
 def main() -> int:
-    defaults = _bench_int8().parser()  # the vLLM benchmark's sizes are the defaults here
+    defaults = _sibling("bench_int8").parser()  # the vLLM benchmark's sizes are the defaults here
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag in ("layers", "hidden", "ffn", "vocab"):
         ap.add_argument(f"--{flag}", type=int, default=defaults.get_default(flag))

@@ -12,7 +12,7 @@ What each file must agree on:
 - monitoring/prometheus/prometheus*.yml, rules/*.yml, the Grafana dashboard: every ``normswap_*`` series in an
   expression is a registry metric, every ``site="..."`` a registry site, every ``threshold="..."`` a default
   threshold; the dashboard's site variable lists the sites in order;
-- vllm_normswap/serving_configs/OPTION.yaml: one per option, ``served-model-name`` and ``expect_option`` = its
+- serving_configs/OPTION.yaml: one per option, ``served-model-name`` and ``expect_option`` = its
   id, its header names the option's case-study number.
 The per-option servers and targets, and a missing serving config, are generated: python scripts/gen_deploy.py.
 
@@ -40,9 +40,8 @@ SERIES = ({OUTLIERS + "_total", ELEMENTS + "_total", ABSMAX}
 
 
 def serving_dir(root: Path) -> Path:
-    """Where the serving configs live (package data, or the repository's top level in older trees)."""
-    packaged = root / "vllm_normswap" / "serving_configs"
-    return packaged if packaged.is_dir() else root / "serving_configs"
+    """Where the serving configs live: the repository's top level (the wheel maps it into the package)."""
+    return root / "serving_configs"
 
 
 def threshold_label(tau: float) -> str:  # the observer's label format: 6.0 -> "6"

@@ -3,6 +3,9 @@
 Every import counts, at module level and inside functions (an import hidden in a function to dodge a circle is
 still a circle), relative or absolute. Standard library only, nothing is imported: the graph is read with ``ast``.
 
+The package is vllm_normswap/ and the repository-root folders that pyproject.toml maps into it
+(``[tool.setuptools.package-dir]``: load_tests/ is ``vllm_normswap.load_tests``).
+
 Two graphs are checked: modules, and the package's rooms (``vllm_normswap.model``, ``.checkpoints``, ``.observe``,
 ... and each top-level module), so that ``model/`` -> ``checkpoints/`` -> ``model/`` is a cycle even when no single
 module closes it.
@@ -22,11 +25,36 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "vllm_normswap"
 
 
-def module_name(path: Path, root: Path = ROOT) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT, package_dirs: dict[str, Path] | None = None) -> str:
+    """The dotted name of the module in ``path``: under one of ``package_dirs`` (name -> folder), else by its path
+    from ``root``."""
+    for name, folder in (package_dirs or {}).items():
+        if path.is_relative_to(folder):
+            parts = [name, *path.relative_to(folder).with_suffix("").parts]
+            break
+    else:
+        parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
+
+
+def package_dirs(root: Path = ROOT, package: str = PACKAGE) -> dict[str, Path]:
+    """The package's folders by dotted name: ``package/`` and the folders that pyproject.toml's
+    ``[tool.setuptools.package-dir]`` table maps to subpackages of it (read line by line: one ``"name" = "folder"``
+    per line, as there)."""
+    dirs = {package: root / package}
+    pyproject = root / "pyproject.toml"
+    table = False
+    for line in pyproject.read_text().splitlines() if pyproject.is_file() else ():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("["):
+            table = line == "[tool.setuptools.package-dir]"
+        elif table and "=" in line:
+            name, folder = (s.strip().strip('"').strip("'") for s in line.split("=", 1))
+            if name.startswith(package + "."):
+                dirs[name] = root / folder
+    return dirs
 
 
 def _resolve(name: str, modules: set[str]) -> str | None:
@@ -38,9 +66,9 @@ def _resolve(name: str, modules: set[str]) -> str | None:
     return None
 
 
-def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
-    """The project modules that the file at ``path`` imports, anywhere in it."""
-    me = module_name(path, root)
+def imports_of(path: Path, modules: set[str], root: Path = ROOT, me: str | None = None) -> set[str]:
+    """The project modules that the file at ``path`` (module ``me``) imports, anywhere in it."""
+    me = me or module_name(path, root)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -66,9 +94,10 @@ def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
 
 
 def graph(root: Path = ROOT, package: str = PACKAGE) -> dict[str, set[str]]:
-    files = sorted((root / package).rglob("*.py"))
-    modules = {module_name(f, root) for f in files}
-    return {module_name(f, root): imports_of(f, modules, root) for f in files}
+    dirs = package_dirs(root, package)
+    names = {f: module_name(f, root, dirs) for folder in dirs.values() for f in sorted(folder.rglob("*.py"))}
+    modules = set(names.values())
+    return {name: imports_of(f, modules, root, name) for f, name in names.items()}
 
 
 def rooms(edges: dict[str, set[str]], package: str = PACKAGE) -> dict[str, set[str]]:

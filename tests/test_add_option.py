@@ -1,7 +1,7 @@
 """docs/adding-an-option.md holds, for two fifth options added to the registry at run time:
 - PLAIN recombines existing choices (RMSNorm + tanh GELU), so no model code changes;
 - GATED brings a new gated activation, GeGLU (registry.GATED_ACTS: "geglu" -> gate function "gelu"), whose
-  formula model/ffn.py and model/reference.py each already hold.
+  formula model/activations.py and model/reference.py each already hold.
 Each gets its servers, targets and serving config from scripts/gen_deploy.py, every checked file names exactly
 what it lacks until then, and the model config, the random-checkpoint tools and the pure-torch reference take it.
 GATED also runs in vLLM's model against the reference in fp32, and an activation whose gate function has no
@@ -162,5 +162,5 @@ def test_a_gate_function_without_a_formula_fails_in_both_models(monkeypatch):
     arch = make_arch("ln-mishglu", hidden_size=64, layers=1, heads=1, vocab_size=128, max_positions=32)
     with pytest.raises(NotImplementedError, match="'mish'.*model/reference.py"):
         ReferenceModel(arch)
-    with pytest.raises(NotImplementedError, match="'mish'.*model/ffn.py"):
+    with pytest.raises(NotImplementedError, match="'mish'.*model/activations.py"):
         ffn.make_ffn(arch, None, "model.layers.0.mlp")

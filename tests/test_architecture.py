@@ -49,6 +49,12 @@ def test_script_finds_a_cycle(tmp_path):
     assert ["vllm_normswap.checkpoints", "vllm_normswap.model", "vllm_normswap.checkpoints"] in found
 
 
+def test_the_graph_holds_the_folders_mapped_into_the_package():
+    """load_tests/ sits at the repository root and is vllm_normswap.load_tests once installed (pyproject.toml)."""
+    assert import_cycles.package_dirs()["vllm_normswap.load_tests"] == ROOT / "load_tests"
+    assert {"vllm_normswap.registry", "vllm_normswap.serve"} <= import_cycles.graph()["vllm_normswap.load_tests.soak"]
+
+
 def test_model_imports_nothing_above_it():
     edges = import_cycles.graph()
     for module, targets in edges.items():

@@ -69,7 +69,7 @@ def test_benchmark_readme_is_rendered_from_the_results():
 def test_e2e_result_file_from_a_run():
     """bench_int8.py --save (one run): each int8 ratio is its tok/s over bf16's, the ceiling the run's own."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_int8
+    import int8_tables
 
     rates = {"bf16": (10.0, 40.0, 100.0), "normswap_int8": (15.0, 80.0, 420.0),
              "normswap_int8_lm_head": (18.0, 96.0, 430.0)}
@@ -81,7 +81,7 @@ def test_e2e_result_file_from_a_run():
     result["int8_over_bf16"] = {"weight_bytes": 0.59, "decode_batch1_ceiling": 1.82}
     result["int8_lm_head_over_bf16"] = {"weight_bytes": 0.55, "decode_batch1_ceiling": 2.0}
     cpu = {"kind": "AVX2", "cores": 2, "model": "test CPU", "flags": ["avx2"]}
-    table = bench_int8.e2e_table(result, cpu)
+    table = int8_tables.e2e_table(result, cpu)
     assert table["columns"] == ["", "decode b1", "decode b8", "prefill 512", "weights", "b1 ceiling"]
     assert table["rows"][1] == ["int8 / bf16", "1.50x (15)", "2.00x (80)", "4.20x (420)", "0.59x", "1.82x"]
     assert table["rows"][2][1:] == ["1.80x (18)", "2.40x (96)", "4.30x (430)", "0.55x", "2.00x"]

@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
+import junit_report  # noqa: E402
 
 STEPS = ["gpu_info", "install", "versions", "test_int8_vllm", "test_int8_options", "bench_int8", "bench_observer"]
 
@@ -81,14 +82,14 @@ Llama channel: mean KL(bf16 || int8) = 1.20e-03 nats/token
 
 def test_junit_report_to_json(tmp_path):
     (tmp_path / "r.xml").write_text(JUNIT)
-    report = gpu_check.junit_to_json(tmp_path / "r.xml")
+    report = junit_report.junit_to_json(tmp_path / "r.xml")
     assert report["counts"] == {"passed": 1, "failed": 1, "skipped": 1}
     first, second, third = report["tests"]
     assert first["outcome"] == "passed" and first["duration_s"] == 41.5
     assert first["printed"] == ["Llama channel: mean KL(bf16 || int8) = 1.20e-03 nats/token"]
     assert second["outcome"] == "failed" and second["message"] == "assert 0.02 < 0.01"
     assert third["outcome"] == "skipped" and "Machete" in third["message"]
-    missing = gpu_check.junit_to_json(tmp_path / "none.xml")
+    missing = junit_report.junit_to_json(tmp_path / "none.xml")
     assert missing["tests"] == [] and "did not finish" in missing["error"]
 
 

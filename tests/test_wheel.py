@@ -1,6 +1,8 @@
 """The package works from its wheel: build it, install it with ``pip install --no-deps --target`` outside the
 repository (its dependencies come from this venv's site-packages; nothing from the checkout on ``sys.path``),
 and from there serve ln-gelu through the ``normswap`` script and run a one-option ``normswap ab`` to a report.
+serving_configs/ and load_tests/ sit at the repository root, once; pyproject.toml maps them into the package
+(``vllm_normswap.serving_configs``, ``vllm_normswap.load_tests``), for the wheel and the checkout's editable install.
 
 Every process runs with its working directory outside the repository and ``PYTHONPATH`` = the target directory
 only, so ``python -m ...`` (vLLM's server is started that way) cannot pick the checkout up from the cwd either.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from vllm_normswap.runtime.engine_fork import ENV as FORK_ENV, FORK_LOG
 from vllm_normswap.runtime.server import VLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
+ROOT_FOLDERS = ("serving_configs", "load_tests")  # at the repository root, package data in the wheel
 pytestmark = pytest.mark.server
 
 
@@ -46,6 +50,37 @@ def normswap(installed) -> str:
     script = target / "bin" / "normswap"
     assert script.is_file(), "the wheel's console script"
     return str(script)
+
+
+def test_the_checkout_reads_the_root_folders():
+    """The editable install (scripts/install.sh) finds both folders at the repository root: no copy inside the
+    package. From outside the repository, so the checkout is reached through the install only."""
+    probe = ("import importlib.util as u, vllm_normswap.serve as s, vllm_normswap.ab.loadgen as l;"
+             "print(s.serving_config_path('ln-gelu')); print(l.LOCUSTFILE);"
+             "print(u.find_spec('vllm_normswap.load_tests.locustfile').origin)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(sys.executable).anchor, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out == [str(REPO / "serving_configs" / "ln-gelu.yaml"), str(REPO / "load_tests" / "locustfile.py"),
+                   str(REPO / "load_tests" / "locustfile.py")]
+    assert not [f for f in ROOT_FOLDERS if (REPO / "vllm_normswap" / f).exists()], "one copy, at the root"
+    printed = subprocess.run([str(Path(sys.executable).with_name("normswap")), "serve", "rms-gelu",
+                              "--print-config"], cwd=Path(sys.executable).anchor, capture_output=True, text=True,
+                             timeout=120)
+    assert printed.returncode == 0 and printed.stdout == (REPO / "serving_configs" / "rms-gelu.yaml").read_text()
+
+
+def test_wheel_carries_the_root_folders_and_every_module(installed):
+    """Every file of serving_configs/ and load_tests/, and every module of the checkout's package (pyproject.toml
+    lists the packages: a new subpackage left out of the list would be missing here)."""
+    target, _, _ = installed
+    (wheel,) = (target.parent / "dist").glob("vllm_normswap-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    root_files = {f"vllm_normswap/{folder}/{f.name}" for folder in ROOT_FOLDERS for f in (REPO / folder).iterdir()
+                  if f.is_file() and not f.name.startswith(".")}
+    assert {"vllm_normswap/serving_configs/ln-gelu.yaml", "vllm_normswap/load_tests/locustfile.py",
+            "vllm_normswap/load_tests/README.md"} <= root_files
+    modules = {f.relative_to(REPO).as_posix() for f in (REPO / "vllm_normswap").rglob("*.py")}
+    assert not (root_files | modules) - names, sorted((root_files | modules) - names)
 
 
 def test_wheel_holds_the_package_data_and_nothing_from_the_checkout(installed):

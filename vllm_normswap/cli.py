@@ -45,6 +45,9 @@ SUBCOMMANDS = {
     "zoo": ("vllm_normswap.checkpoints.zoo", "the embedded default models: build | path"),
     "plant": ("vllm_normswap.checkpoints.plant", "copy a checkpoint with planted int8-breaking FFN outliers "
                                                   "(the A/B's positive control)"),
+    "swap": ("vllm_normswap.checkpoints.swap", "write an initialised checkpoint of another option from a trained one"),
+    "heal": ("vllm_normswap.checkpoints.heal", "distil a swapped checkpoint back to its teacher (transformers "
+                                                "Trainer)"),
     "ab": ("vllm_normswap.ab.run", "run the whole A/B and write the decision report"),
     "int8-plan": ("vllm_normswap.quant.plan_cmd", "the CPU int8 kernel per layer shape and batch size, measured here"),
 }

@@ -43,13 +43,17 @@ OPTIONS: dict[str, Option] = {o.id: o for o in (
 BASELINE = next(o.id for o in OPTIONS.values() if o.role == BASELINE_ROLE)
 
 NORM_TYPES = ("layernorm", "rmsnorm")
+# how people write each norm and FFN activation (line 1 of a generated serving config, scripts/gen_deploy.py); a
+# name missing here is written as its id
+NORM_NAMES = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm (with beta)"}
+ACT_NAMES = {"gelu": "GELU", "gelu_tanh": "GELU (tanh approximation)", "swiglu": "SwiGLU", "relu": "ReLU"}
 # The FFN activations. A pointwise FFN computes down(f(h W_up + b_up)), f named by the activation itself: gelu =
 # exact erf GELU (the case study's), gelu_tanh = GPT-2's approximation, relu only for converted OPT. A gated FFN
 # computes down(g(h W_gate + b_gate) * (h W_up + b_up)); GATED_ACTS maps it to its gate function g (SwiGLU: swish
 # = silu; a GeGLU would map to "gelu"). Its third matrix shrinks the width by 2/3 to keep the parameter count
-# (model/config.py, swiglu_width). The functions are named here, not written: model/ffn.py (vLLM) and
-# model/reference.py (the tests' independent truth) each write every name of POINTWISE_FNS on their own, and
-# each raises on a name it does not know.
+# (model/config.py, swiglu_width). The functions are named here, not written: model/activations.py (for the vLLM
+# and transformers models) and model/reference.py (the tests' independent truth) each write every name of
+# POINTWISE_FNS on their own, and each raises on a name it does not know.
 POINTWISE_ACTS = ("gelu", "gelu_tanh", "relu")
 GATED_ACTS: dict[str, str] = {"swiglu": "silu"}
 POINTWISE_FNS = (*POINTWISE_ACTS, "silu")

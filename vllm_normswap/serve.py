@@ -1,6 +1,7 @@
 """`normswap serve OPTION`: start vLLM's OpenAI-compatible server for one option, with the option's serving config
-(package data: ``vllm_normswap/serving_configs/OPTION.yaml``, read through ``importlib.resources`` so a wheel
-install finds it). The process handle the tests and the A/B driver use is ``vllm_normswap.runtime.server.VLLMServer``.
+(the repository's ``serving_configs/OPTION.yaml``, package data ``vllm_normswap.serving_configs`` once installed,
+read through ``importlib.resources`` so a wheel install finds it). The process handle the tests and the A/B driver
+use is ``vllm_normswap.runtime.server.VLLMServer``.
 
 The server runs as ``python -m vllm.entrypoints.launchers.api_server.entry`` (ENTRYPOINT), vLLM 0.32's supported
 API-server module: ``vllm.entrypoints.openai.api_server`` is deprecated (two DeprecationWarnings in every log), and
@@ -25,7 +26,7 @@ import yaml
 from vllm_normswap.registry import OPTIONS, check_choice
 
 # vLLM reads --config from a file path: the package must be installed as files (a wheel, not a zip import)
-SERVING_CONFIGS = Path(str(resources.files("vllm_normswap") / "serving_configs"))
+SERVING_CONFIGS = Path(str(resources.files("vllm_normswap.serving_configs")))
 # VLLM_CPU_KVCACHE_SPACE (GiB) for a CPU server whose environment sets none; vLLM alone would size the KV cache
 # from the machine's memory. 2 GiB holds the zoo models' 256-token context many times over, and two servers of the
 # A/B side by side fit a small box. The GPU build ignores it.

@@ -40,5 +40,5 @@ def test_bad_lists_exit_2_before_any_folder(tmp_path, argv, bad):
 
 def test_bad_endpoint_name_exits_before_any_folder(tmp_path):
     proc, _ = run_ab(["--endpoint", "ln-gelu-fp8=http://127.0.0.1:1", "--out", str(tmp_path / "runs")], timeout=120)
-    assert proc.returncode != 0 and "OPTION-PRECISION" in proc.stderr
+    assert proc.returncode == 2 and "OPTION-PRECISION" in proc.stderr
     assert not (tmp_path / "runs").exists()

@@ -24,6 +24,7 @@ from vllm_normswap.ab import compare, loadgen, loadstats, plots, run as ab_run
 from vllm_normswap.ab.loadstats import LATENCY_KEYS
 from vllm_normswap.ab.servers import ServerRun, ServerSpec
 from vllm_normswap.checkpoints.files import load_arch, load_reference
+from vllm_normswap.runtime.engine_fork import FORK_LOG
 
 pytestmark = pytest.mark.server
 
@@ -33,10 +34,17 @@ def _run(results, name):
 
 
 def test_every_server_ran(ab):
-    _, results, _, summary = ab
+    _, results, run_dir, summary = ab
     assert summary["failed"] == [], [(r["name"], r.get("error")) for r in results["runs"] if r["status"] != "ok"]
     assert {r["name"] for r in results["runs"]} == {"ln-gelu-bf16", "ln-gelu-int8", "rms-gelu-bf16",
                                                     "rms-gelu-int8", "ln-gelu-bf16-probe4", "rms-gelu-bf16-probe4"}
+    for r in results["runs"]:  # a probe server is only scored: no warm-up on it
+        assert ("warmup" in r, r["phases_done"]) == ((False, ["probe"]) if r["probe_shift"] else
+                                                     (True, ["warmup", "quality", "load"])), r["name"]
+    # forked starts (--server-start fork, the default; the suite's environment asks for the same): EngineCore
+    # and the worker of every server started by fork, as its log says
+    assert results["meta"]["server_starts"] == "NORMSWAP_FORKSERVER=1, NORMSWAP_FORK_ENGINE=1"
+    assert all(FORK_LOG in (run_dir / r["log"]).read_text() for r in results["runs"])
 
 
 def test_perplexity_matches_the_reference_model(ab):

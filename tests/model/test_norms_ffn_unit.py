@@ -238,7 +238,7 @@ def test_cli_help(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("command", ["serve", "params", "init", "quantize", "convert", "zoo", "ab", "plant",
-                                     "int8-plan"])
+                                     "int8-plan", "swap", "heal"])
 def test_cli_subcommand_help(command, monkeypatch, capsys):
     from vllm_normswap.cli import SUBCOMMANDS
 
@@ -251,4 +251,5 @@ def test_cli_subcommand_help(command, monkeypatch, capsys):
 def test_cli_knows_every_subcommand_here():
     from vllm_normswap.cli import SUBCOMMANDS
 
-    assert set(SUBCOMMANDS) == {"serve", "params", "init", "quantize", "convert", "zoo", "ab", "plant", "int8-plan"}
+    assert set(SUBCOMMANDS) == {"serve", "params", "init", "quantize", "convert", "zoo", "ab", "plant", "int8-plan",
+                                "swap", "heal"}

@@ -9,11 +9,17 @@ Tolerance, per output element (float64 reference y = x @ W_hat^T, W_hat = q * sc
   the lane reduction): relative 2^-24 per operation over at most a few dozen blocks, bounded by 1e-5 * sum |x W|;
 - the output rounding: half an ulp of the output dtype, bounded by 2^-8 |y| (bf16), 2^-11 |y| (fp16), 2^-23 |y|
   (fp32).
+
+The avx512bf16 path's bf16 dot products (bf16 activations, per-channel scales, BF16_MIN_ROWS rows and more) have
+no activation quantization at all: the int8 weight is exact in bf16, the bf16 activation is used as it comes, each
+product is exact in fp32; what remains is the fp32 accumulation of K products, one rounding each (at most
+(K + 2) 2^-24 sum |x W| with the scale multiplication and the lane sums), and the bf16 output rounding.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -38,14 +44,28 @@ def bound(x: torch.Tensor, w_hat: torch.Tensor, block: int, want: torch.Tensor, 
     return (xm / 65534) @ aw + 1e-5 * (xd @ aw) + OUT_REL[dtype] * want.abs() + 1e-30
 
 
-def check(x, q, scale, isa, block=BLOCK):
-    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index(isa), block)
+def bound_bf16_dots(x: torch.Tensor, w_hat: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """The bf16 dot products' bound of the module docstring."""
+    return (x.shape[1] + 4) * 2.0 ** -24 * (x.double().abs() @ w_hat.abs().t()) + OUT_REL[torch.bfloat16] * want.abs()
+
+
+def uses_bf16_dots(x, scale, isa, bf16_rows) -> bool:
+    return (isa == "avx512bf16" and x.dtype == torch.bfloat16 and scale.shape[1] == 1
+            and x.shape[0] >= bf16_rows)
+
+
+def check(x, q, scale, isa, block=BLOCK, bf16_rows=None):
+    bf16_rows = ext.BF16_MIN_ROWS if bf16_rows is None else bf16_rows
+    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index(isa), block, bf16_rows)
     w_hat = dequantize(q, scale.expand(q.shape[0], scale.shape[1]), torch.float64)
     want = x.double() @ w_hat.t()
     assert got.dtype == x.dtype and got.shape == want.shape
     gs = q.shape[1] // scale.shape[1]
     err = (got.double() - want).abs()
-    lim = bound(x, w_hat, gs if scale.shape[1] > 1 else block, want, x.dtype)
+    if uses_bf16_dots(x, scale, isa, bf16_rows):
+        lim = bound_bf16_dots(x, w_hat, want) + 1e-30
+    else:
+        lim = bound(x, w_hat, gs if scale.shape[1] > 1 else block, want, x.dtype)
     assert bool((err <= lim).all()), (isa, tuple(x.shape), tuple(q.shape), float((err / lim).max()))
     return got
 
@@ -144,9 +164,44 @@ def test_vnni_and_plain_avx512_agree_bitwise():
         assert torch.equal(ext.int8_mm(x, q, scale, 3), ext.int8_mm(x, q, scale, 2))
 
 
+BF16_ONLY = pytest.mark.skipif("avx512bf16" not in ISAS, reason="no AVX512-BF16 here")
+
+
+@BF16_ONLY
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_dot_products_at_every_row_count_and_odd_shapes(threads):
+    """The bf16 inner loop forced from one row on (bf16_rows=1): odd M (register-tile tails), N (weight-row tails),
+    K (zero-padded tails), per-channel and per-tensor scales, on 1 and 2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i, (m, n, k) in enumerate([(1, 3, 40), (3, 257, 520), (7, 17, 2050), (17, 1031, 64), (65, 129, 160),
+                                       (13, 5, 33), (130, 66, 1000)]):
+            for gran in ("channel", "tensor"):
+                q, scale = weights(n, k, gran, i)
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(200 + i)).to(torch.bfloat16)
+                check(x, q, scale, "avx512bf16", bf16_rows=1)
+    finally:
+        torch.set_num_threads(before)
+
+
+@BF16_ONLY
+def test_bf16_path_runs_the_integer_kernel_where_bf16_dots_do_not_apply():
+    """Below BF16_MIN_ROWS rows, for fp32 activations and for per-group scales the avx512bf16 path is the VNNI
+    one, bit for bit; from BF16_MIN_ROWS bf16 rows on it is not (no activation quantization)."""
+    rows = ext.BF16_MIN_ROWS
+    q, scale = weights(257, 520, "channel", 9)
+    qg, scale_g = weights(257, 512, "group", 9, 128)
+    for x, w, s in [(torch.randn(rows - 1, 520).to(torch.bfloat16), q, scale), (torch.randn(rows, 520), q, scale),
+                    (torch.randn(rows, 512).to(torch.bfloat16), qg, scale_g)]:
+        assert torch.equal(ext.int8_mm(x, w, s, 4), ext.int8_mm(x, w, s, 3))
+    x = torch.randn(rows, 520).to(torch.bfloat16)
+    assert not torch.equal(ext.int8_mm(x, q, scale, 4), ext.int8_mm(x, q, scale, 3))
+
+
 def test_default_isa_is_the_best_that_cpu_and_torch_allow():
     """torch's capability (ATEN_CPU_CAPABILITY) caps the path: scripts/as_avx2.sh holds an AVX-512 CPU to AVX2."""
-    cap = {"AVX2": 1, "AVX512": 3}.get(torch.backends.cpu.get_cpu_capability(), ext.best_isa())
+    cap = {"AVX2": 1, "AVX512": 4}.get(torch.backends.cpu.get_cpu_capability(), ext.best_isa())
     assert cpp_kernel.default_isa() == min(ext.best_isa(), cap)
 
 
@@ -182,3 +237,35 @@ def test_failed_build_warns_once_with_the_fix(monkeypatch):
         monkeypatch.undo()
         cpp_kernel.loaded.cache_clear()
         assert cpp_kernel.loaded() is not None
+
+
+def test_prebuilt_kernel_loads_from_a_folder_it_cannot_write(tmp_path):
+    """A deployment builds the kernel at image build time and leaves its folder read-only to the server user
+    (deploy/Dockerfile.cpu): a new process must import the .so from there and write nothing, and a stale stamp
+    (another source) must not be imported."""
+    import shutil
+    import stat
+    import subprocess
+    import sys
+
+    assert cpp_kernel.loaded() is not None  # builds (or loads) in the usual folder and writes the stamp
+    src = cpp_kernel.build_dir()
+    ro = tmp_path / "ext"
+    ro.mkdir()
+    for name in (f"{cpp_kernel.NAME}.so", f"{cpp_kernel.NAME}.stamp"):
+        shutil.copy2(src / name, ro / name)
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)  # root ignores it: the listing below is the check that binds
+    code = ("from vllm_normswap.quant import cpp_kernel as c; import torch; "
+            "x = torch.randn(3, 64); w = torch.randint(-127, 128, (5, 64), dtype=torch.int8); "
+            "print(c.loaded().__file__, float(c.int8_mm(x, w, torch.ones(5, 1)).abs().sum()) > 0)")
+    env = {**os.environ, "NORMSWAP_EXT_DIR": str(ro), "PATH": ""}  # no compiler reachable: a build would fail
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == [str(ro / f"{cpp_kernel.NAME}.so"), "True"]
+        assert sorted(p.name for p in ro.iterdir()) == sorted([f"{cpp_kernel.NAME}.so", f"{cpp_kernel.NAME}.stamp"])
+        ro.chmod(stat.S_IRWXU)
+        (ro / f"{cpp_kernel.NAME}.stamp").write_text("another source\n")
+        assert cpp_kernel._import_prebuilt(ro) is None
+    finally:
+        ro.chmod(stat.S_IRWXU)

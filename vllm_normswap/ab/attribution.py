@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vllm_normswap.ab.quality import per_doc_sums, scored_doc
 from vllm_normswap.checkpoints.files import load_reference
@@ -254,33 +253,4 @@ def _chunks(docs: list[list[int]]) -> list[list[int]]:
     for n, idx in by_len.items():
         per = max(1, TOKENS_PER_CHUNK // max(n, 1))
         out += [idx[k:k + per] for k in range(0, len(idx), per)]
-    return out
-
-
-def for_run(ckpts: dict[str, str], docs: list[list[int]], scored: dict, args, timing: dict) -> dict:
-    """`normswap ab`'s attribution step: every option's checkpoint on the first --attribution-docs documents, one
-    thread (as the fp32 reference), and the served int8 KL on the same documents for the like-with-like check."""
-    out: dict = {}
-    if args.attribution != "on" or not docs:
-        return out
-    n = args.attribution_docs or len(docs)
-    docs = docs[:n]
-    layers = list(args.attribution_layers) or None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the reference (run.py Runner.reference): OpenMP spinning on a shared box
-    try:
-        for option, path in tqdm(ckpts.items(), desc="int8 attribution", unit="option"):
-            t0 = time.monotonic()
-            try:
-                res = measure(path, docs, int8_settings(path, getattr(args, "passthrough", None)), layers,
-                              DEFAULT_THRESHOLDS, args.top_k)
-                bf16, int8 = scored.get(f"{option}-bf16"), scored.get(f"{option}-int8")
-                if bf16 and int8:  # the servers' top-k KL on exactly these documents
-                    res["total"]["served_topk_kl_docs"] = per_doc_sums(bf16[:n], int8[:n])["kl"].tolist()
-                out[option] = res
-            except Exception as e:  # a checkpoint the reference cannot load: said so, the run goes on
-                out[option] = {"error": f"{type(e).__name__}: {e}"}
-            timing["attribution"] = timing.get("attribution", 0.0) + time.monotonic() - t0
-    finally:
-        torch.set_num_threads(threads)
     return out

@@ -20,7 +20,7 @@ import numpy as np
 
 from vllm_normswap.ab import auth
 
-LOAD_TESTS = Path(str(resources.files("vllm_normswap") / "load_tests"))  # package data: works from a wheel
+LOAD_TESTS = Path(str(resources.files("vllm_normswap.load_tests")))  # package data: works from a wheel
 LOCUSTFILE = LOAD_TESTS / "locustfile.py"
 RATE_SWEEP = LOAD_TESTS / "rate_sweep.py"
 

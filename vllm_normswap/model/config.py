@@ -88,7 +88,7 @@ class NormSwapArch:
                     f"the serving config is for option {self.expect_option!r} but the checkpoint is "
                     f"norm_type={self.norm_type!r}, ffn_act={self.ffn_act!r} (option {self.option!r}); "
                     f"serve it with normswap serve {self.option} (its config: "
-                    f"vllm_normswap/serving_configs/{self.option}.yaml) or pass the right checkpoint")
+                    f"serving_configs/{self.option}.yaml) or pass the right checkpoint")
         if not self.norm_eps > 0:
             raise ConfigError(f"config field 'norm_eps' = {self.norm_eps!r} must be > 0")
 

@@ -4,7 +4,8 @@
     gated (SwiGLU):    down( g(h W1 + b1) * (h W2 + b2) )   g = swish for SwiGLU; W1 = gate_proj, W2 = up_proj
                                                            (merged as gate_up_proj)
 
-Which function f or g an activation uses is the registry's (registry.GATED_ACTS); the formulas are written here.
+Which function f or g an activation uses is the registry's (registry.GATED_ACTS); the formulas are activations.py's,
+shared with the transformers classes (hf_model.py).
 
 Each FFN reports its sites to ``observe(site, tensor)`` (a no-op unless the observer is on).
 """
@@ -12,7 +13,6 @@ Each FFN reports its sites to ``observe(site, tensor)`` (a no-op unless the obse
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
@@ -20,24 +20,8 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 
+from vllm_normswap.model.activations import pointwise_fn
 from vllm_normswap.registry import GATED_ACTS
-
-# every function the registry may name (registry.POINTWISE_FNS), as torch writes it
-_FNS = {
-    "gelu": lambda x: F.gelu(x),  # exact (erf), the case study's GELU
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's gelu_new
-    "relu": F.relu,  # converted OPT checkpoints
-    "silu": F.silu,  # swish, SwiGLU's gate
-}
-
-
-def pointwise_fn(name: str):
-    """The torch function of a registry function name; a name this file lacks fails at model construction."""
-    if name not in _FNS:
-        raise NotImplementedError(f"FFN function {name!r} (registry.GATED_ACTS / POINTWISE_ACTS) has no formula in "
-                                  f"vllm_normswap/model/ffn.py (known: {', '.join(_FNS)}); add it to _FNS there "
-                                  f"and to model/reference.py")
-    return _FNS[name]
 
 
 class PointwiseFFN(nn.Module):

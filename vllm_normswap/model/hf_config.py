@@ -1,7 +1,8 @@
 """Hugging Face config class for model_type "normswap", so transformers/vLLM can read our config.json.
 
-Registered with transformers' AutoConfig by ``vllm_normswap.register()``. Holds values only; validation happens
-once, in ``NormSwapArch`` (config.py), when the model is built.
+Registered with transformers' AutoConfig, together with the model class of hf_model.py, by
+``register_transformers()``. Holds values only; validation happens once, in ``NormSwapArch`` (config.py), when
+the model is built.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from vllm_normswap.model.checkpoint_format import check_headers
 from vllm_normswap.model.config import MODEL_TYPE, NormSwapArch
@@ -38,7 +39,3 @@ class NormSwapConfig(PretrainedConfig):
         # next (dtype, tied-head probes) and a corrupt one would fail there without naming file or fix
         if self._name_or_path and os.path.isdir(self._name_or_path):
             check_headers(self._name_or_path)
-
-
-def register_hf_config() -> None:
-    AutoConfig.register(MODEL_TYPE, NormSwapConfig, exist_ok=True)

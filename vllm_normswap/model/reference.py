@@ -37,7 +37,8 @@ def rms_norm(h, alpha, beta, eps, inside):
 
 
 # The FFN functions the registry may name (registry.POINTWISE_FNS), written out from their definitions rather
-# than taken from torch.nn.functional or model/ffn.py, so the vLLM model is checked against an independent formula.
+# than taken from torch.nn.functional or model/activations.py, so the vLLM and transformers models are checked
+# against an independent formula.
 FUNCTIONS = {
     "gelu": lambda x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0))),  # x Phi(x), exact
     "gelu_tanh": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3))),
@@ -52,7 +53,7 @@ def function(name: str):
     if name not in FUNCTIONS:
         raise NotImplementedError(f"FFN function {name!r} (registry.GATED_ACTS / POINTWISE_ACTS) has no formula in "
                                   f"vllm_normswap/model/reference.py (known: {', '.join(FUNCTIONS)}); write it "
-                                  f"into FUNCTIONS there, independently of model/ffn.py")
+                                  f"into FUNCTIONS there, independently of model/activations.py")
     return FUNCTIONS[name]
 
 

@@ -25,9 +25,11 @@ import torch
 
 NAME = "normswap_int8_mm"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_mm.cpp"
-ISAS = ("scalar", "avx2", "avx512bw", "avx512vnni")  # the extension's ISA codes 0..3
+# the extension's ISA codes 0..4; avx512bf16 is the avx512vnni path plus bf16 dot products for bf16 batches of
+# BF16_MIN_ROWS rows and more (csrc/int8_mm.cpp)
+ISAS = ("scalar", "avx2", "avx512bw", "avx512vnni", "avx512bf16")
 # torch.backends.cpu.get_cpu_capability() -> the highest of our paths it allows
-_TORCH_CAP = {"DEFAULT": 0, "NO AVX": 0, "AVX2": 1, "AVX512": 3, "ZVECTOR": 0, "VSX": 0}
+_TORCH_CAP = {"DEFAULT": 0, "NO AVX": 0, "AVX2": 1, "AVX512": 4, "ZVECTOR": 0, "VSX": 0}
 FIX = "install g++ (apt-get install g++) and ninja, then run scripts/install.sh"
 
 
@@ -39,22 +41,65 @@ def build_dir() -> Path:
     return Path.home() / ".cache" / "vllm_normswap" / "torch_extensions" / tag
 
 
+CFLAGS = ("-O3", "-fopenmp")  # tuples: torch's loader appends to the lists it is given
+LDFLAGS = ("-fopenmp",)
+
+
+def stamp() -> str:
+    """What the built .so depends on: the source, the flags, torch and Python. Written beside the .so after a
+    build, so that a later process can import the .so directly when nothing changed."""
+    import hashlib
+
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2])).encode())
+    return h.hexdigest()
+
+
+def _import_prebuilt(d: Path):
+    """The .so in ``d`` when its stamp matches this source, imported as a plain extension module; else None.
+    Writes nothing: a deployment can build the kernel at image build time and leave its folder read-only to the
+    server user (torch's own loader takes a lock file in the folder even when nothing is rebuilt)."""
+    import importlib.util
+
+    so, stamp_file = d / f"{NAME}.so", d / f"{NAME}.stamp"
+    try:
+        if not so.is_file() or stamp_file.read_text().strip() != stamp():
+            return None
+    except OSError:
+        return None
+    spec = importlib.util.spec_from_file_location(NAME, so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _load(verbose: bool = False):
     import shutil
 
     from torch.utils import cpp_extension
 
+    d = build_dir()
+    module = _import_prebuilt(d)
+    if module is not None:
+        return module
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH")
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (torch's extension builder needs it)")
-    d = build_dir()
     d.mkdir(parents=True, exist_ok=True)
+    if not os.access(d, os.W_OK):
+        raise RuntimeError(f"{d} holds no kernel built from this source and is not writable: build it there as "
+                           f"its owner (python -m vllm_normswap.quant.cpp_kernel) or set NORMSWAP_EXT_DIR to a "
+                           f"writable folder")
     # -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h) and needs it to run in parallel at all; the
     # .so then needs libgomp.so.1, which resolves to the copy torch has loaded already (one thread pool).
-    return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(d), verbose=verbose,
-                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    module = cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(d), verbose=verbose,
+                                extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS))
+    from vllm_normswap.atomic import write_text_atomic
+
+    write_text_atomic(d / f"{NAME}.stamp", stamp() + "\n")
+    return module
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,11 +127,14 @@ def default_isa() -> int:
 
 
 def int8_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: int | None = None,
-            block: int = 256) -> torch.Tensor:
+            block: int = 256, bf16_rows: int | None = None) -> torch.Tensor:
     """x2 [M, K] (bf16/fp16/fp32) @ int8 weight [N, K] with scale [N, 1], [N, K/G] or [1, G] -> [M, N] in x2's
     dtype. ``isa``: an ISAS index (default ``default_isa()``); ``block``: the activation quantization block along
-    K for per-channel scales (per group: the group size)."""
-    return loaded().int8_mm(x2, weight, scale, default_isa() if isa is None else isa, block)
+    K for per-channel scales (per group: the group size); ``bf16_rows``: on the avx512bf16 path, the row count
+    from which bf16 activations take the bf16 dot products (default: the extension's BF16_MIN_ROWS)."""
+    ext = loaded()
+    return ext.int8_mm(x2, weight, scale, default_isa() if isa is None else isa, block,
+                       ext.BF16_MIN_ROWS if bf16_rows is None else bf16_rows)
 
 
 def available_isas() -> tuple[str, ...]:

@@ -26,11 +26,15 @@
 // so the result is bitwise the same for any thread count.
 //
 // ISA: each path is compiled for its own target (GCC target pragmas) and picked at run time (best_isa(), or
-// forced by the caller), so one .so runs on AVX2-only, AVX-512 and AVX-512 VNNI CPUs; a plain C++ path covers
-// the rest. No -march=native: the build machine need not be the one that runs it.
+// forced by the caller), so one .so runs on AVX2-only, AVX-512, AVX-512 VNNI and AVX512-BF16 CPUs; a plain C++
+// path covers the rest. No -march=native: the build machine need not be the one that runs it. The avx512bf16 path
+// is the VNNI one plus, for bf16 activations from BF16_MIN_ROWS rows on and per-channel scales, a second inner
+// loop without any activation quantization: bf16 dot products (vdpbf16ps) on the weight widened to bf16 (see
+// "AVX512-BF16" below).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 #include <c10/util/BFloat16.h>
@@ -47,8 +51,10 @@
 
 namespace {
 
-enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512BW = 2, ISA_AVX512VNNI = 3 };
-const char* const ISA_NAMES[] = {"scalar", "avx2", "avx512bw", "avx512vnni"};
+// ISA_AVX512BF16: the VNNI integer path, and bf16 dot products from BF16_MIN_ROWS bf16 rows on (see there)
+enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512BW = 2, ISA_AVX512VNNI = 3, ISA_AVX512BF16 = 4 };
+const char* const ISA_NAMES[] = {"scalar", "avx2", "avx512bw", "avx512vnni", "avx512bf16"};
+constexpr int ISA_MAX = 4;
 
 constexpr int64_t KB_MAX = 256;  // activation block length bound (int32 lanes; see the overflow note above)
 constexpr int64_t XPAD = 32;     // each block of xq is zero-padded to a multiple of this (a full zmm of int16)
@@ -124,7 +130,10 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Weight rows n0, n0 + rs, ..., n0 + (NR - 1) rs (as tile_512).
+// Weight rows n0, n0 + rs, ..., n0 + (NR - 1) rs (as tile_512). The body repeats tile_512's line for line on
+// purpose: the two differ in every intrinsic's type and width (__m256i/_mm256_* vs __m512i/_mm512_*), and a
+// shared template over a vector-traits class would hide the instruction each line compiles to, which is what a
+// reader of a kernel checks first.
 template <int MR, int NR, bool GROUPED>
 void tile_avx2(const Problem& p, int64_t m0, int64_t n0, int64_t rs = 1) {
   const int64_t wstride = rs * p.K;
@@ -305,6 +314,116 @@ void tile_range_512(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_
 
 #pragma GCC pop_options
 
+// ---- AVX512-BF16: bf16 dot products for compute-bound row counts ---------------------------------------------------
+//
+// W8A16 without any activation quantization: the int8 weight rows of a chunk are widened once to bf16 (exact: every
+// int8 is a bf16) into a scratch buffer that stays in L2, and every tile of activation rows (bf16 as they come)
+// passes over it with vdpbf16ps: products are exact in fp32, sums fp32. The widening costs a few instructions per
+// 32 weights once per call, against one vdpbf16ps per 32 weights per activation row: from a handful of rows on it
+// is the cheaper way to feed the dot products, where the integer path widens the weight again for every tile of
+// rows and converts and scales its int32 lanes every block. Below BF16_MIN_ROWS the integer kernel is faster: the
+// widening is paid for fewer rows, and the weight reads dominate.
+// Per-channel (or per-tensor) scales only: the scale multiplies the finished dot product. bf16 activations only:
+// fp32/fp16 would have to be rounded to bf16 first.
+
+// Rows from which a bf16 call on an AVX512-BF16 CPU takes this path: on a Zen 4 EPYC the integer kernel won at 8
+// rows (both shapes measured, 1 and 2 threads), the two were level at 16, this one won from 64 on.
+constexpr int64_t BF16_MIN_ROWS = 16;
+constexpr int BF_MR = 6, BF_NR = 4;    // register tile: 24 fp32 accumulators + 4 weight + 1 activation vectors
+constexpr int64_t BF_CHUNK_BYTES = 384 << 10;  // widened weight rows per chunk: in L2 while the row tiles pass
+// Rows of x and of the widened weights lie Kp + BF_ROW_PAD elements apart: with K a multiple of 2048 the tile's 10
+// row streams would otherwise sit 4 KiB apart, in the same L1 set (8 ways), and evict each other.
+constexpr int64_t BF_ROW_PAD = 32;
+
+struct Bf16Problem {
+  int64_t M, N, K, Kp;     // Kp: K rounded up to 32 (zero padding in both operands)
+  int64_t rs;              // row stride of x and of the widened weights: Kp + 32 (see BF_ROW_PAD)
+  const uint16_t* x;       // [M][rs] bf16 bits
+  const int8_t* w;         // [N][K]
+  const float* sw;         // [N or 1][1]
+  int64_t s_rs;            // scale row stride (0: one scale for every row)
+  c10::BFloat16* out;      // [M][N]
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
+
+// rows [n0, n1) of the int8 weight -> bf16 rows of Kp (the tail zeroed)
+void widen_rows_bf16(const Bf16Problem& p, int64_t n0, int64_t n1, uint16_t* dst) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* src = p.w + n * p.K;
+    uint16_t* d = dst + (n - n0) * p.rs;
+    for (int64_t k = 0; k < p.Kp; k += 32) {
+      __m128i lo8, hi8;
+      if (k + 32 <= p.K) {
+        lo8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+        hi8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k + 16));
+      } else {  // the tail: masked loads read nothing past the row
+        const int64_t len = p.K - k;
+        lo8 = _mm_maskz_loadu_epi8(__mmask16(len >= 16 ? 0xFFFF : (1u << len) - 1), src + k);
+        hi8 = len > 16 ? _mm_maskz_loadu_epi8(__mmask16((1u << (len - 16)) - 1), src + k + 16) : _mm_setzero_si128();
+      }
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo8));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi8));
+      // elements 0..15 from the second operand, 16..31 from the first; exact (small integers)
+      _mm512_storeu_si512(d + k, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  }
+}
+
+// the intrinsic, not asm as at dot16: here GCC keeps the 24 accumulators in registers (with asm it spilled them all)
+inline __m512 dot_bf16(__m512 acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
+
+// Activation rows m0.. (MR), weight rows n0.. (NR; row n0 - nw0 of the widened chunk wc).
+template <int MR, int NR>
+void tile_bf16(const Bf16Problem& p, const uint16_t* wc, int64_t nw0, int64_t m0, int64_t n0) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const uint16_t* wr = wc + (n0 - nw0) * p.rs;
+  const uint16_t* xr = p.x + m0 * p.rs;
+  for (int64_t k = 0; k < p.Kp; k += 32) {
+    __m512i wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(wr + j * p.rs + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i xv = _mm512_loadu_si512(xr + i * p.rs + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = dot_bf16(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      p.out[(m0 + i) * p.N + n0 + j] = c10::BFloat16(_mm512_reduce_add_ps(acc[i][j]) * p.sw[(n0 + j) * p.s_rs]);
+}
+
+template <int MR>
+void rows_bf16(const Bf16Problem& p, const uint16_t* wc, int64_t m0, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + BF_NR <= n1; n += BF_NR) tile_bf16<MR, BF_NR>(p, wc, n0, m0, n);
+  switch (n1 - n) {
+    case 3: tile_bf16<MR, 3>(p, wc, n0, m0, n); break;
+    case 2: tile_bf16<MR, 2>(p, wc, n0, m0, n); break;
+    case 1: tile_bf16<MR, 1>(p, wc, n0, m0, n); break;
+    default: break;
+  }
+}
+
+// Output rows [n0, n1): widen them, then every tile of activation rows over them.
+void chunk_bf16(const Bf16Problem& p, int64_t n0, int64_t n1, uint16_t* wc) {
+  widen_rows_bf16(p, n0, n1, wc);
+  int64_t m = 0;
+  for (; m + BF_MR <= p.M; m += BF_MR) rows_bf16<BF_MR>(p, wc, m, n0, n1);
+  switch (p.M - m) {
+    case 5: rows_bf16<5>(p, wc, m, n0, n1); break;
+    case 4: rows_bf16<4>(p, wc, m, n0, n1); break;
+    case 3: rows_bf16<3>(p, wc, m, n0, n1); break;
+    case 2: rows_bf16<2>(p, wc, m, n0, n1); break;
+    case 1: rows_bf16<1>(p, wc, m, n0, n1); break;
+    default: break;
+  }
+}
+
+#pragma GCC pop_options
+
 // ---- activations -----------------------------------------------------------------------------------------------
 
 inline float load_x(const void* x, int kind, int64_t i) {
@@ -353,7 +472,8 @@ void quantize_rows(const Problem& p, const void* x, int x_kind, int16_t* xq, flo
 int best_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-    return __builtin_cpu_supports("avx512vnni") ? ISA_AVX512VNNI : ISA_AVX512BW;
+    if (!__builtin_cpu_supports("avx512vnni")) return ISA_AVX512BW;
+    return __builtin_cpu_supports("avx512bf16") ? ISA_AVX512BF16 : ISA_AVX512VNNI;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
   return ISA_SCALAR;
@@ -361,6 +481,7 @@ int best_isa() {
 
 void run_range(const Problem& p, int isa, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   switch (isa) {
+    case ISA_AVX512BF16:  // the integer kernel below BF16_MIN_ROWS rows (and for fp32/fp16, per group)
     case ISA_AVX512VNNI:
       if (p.G == 1) tile_range_512<true, false>(p, m0, m1, n0, n1);
       else tile_range_512<true, true>(p, m0, m1, n0, n1);
@@ -387,7 +508,36 @@ int64_t block_len(int64_t K, int64_t G, int64_t block) {
   return 1;
 }
 
-at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, int64_t block) {
+// y = x @ (w * scale)^T in bf16 dot products (the AVX512-BF16 path; bf16 x, per-channel or per-tensor scale).
+at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto out = at::empty({M, N}, x.options());
+  Bf16Problem p{};
+  p.M = M; p.N = N; p.K = K; p.Kp = (K + 31) / 32 * 32;
+  at::Tensor xc = x.contiguous();
+  p.rs = p.Kp + BF_ROW_PAD;
+  xc = at::constant_pad_nd(xc, {0, p.rs - K});  // zero columns: every k-step a full vector
+  at::Tensor wc = w.contiguous();
+  at::Tensor sc = scale.to(at::kFloat).contiguous();
+  p.x = static_cast<const uint16_t*>(xc.data_ptr());
+  p.w = static_cast<const int8_t*>(wc.data_ptr());
+  p.sw = static_cast<const float*>(sc.data_ptr());
+  p.s_rs = scale.size(0) == 1 ? 0 : 1;
+  p.out = static_cast<c10::BFloat16*>(out.data_ptr());
+  pybind11::gil_scoped_release no_gil;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // chunk of output rows: a share of N per thread, at most BF16_CHUNK_BYTES widened, a multiple of the tile
+  int64_t nc = std::min((N + threads - 1) / threads, std::max<int64_t>(BF_NR, BF_CHUNK_BYTES / (2 * p.rs)));
+  nc = (nc + BF_NR - 1) / BF_NR * BF_NR;
+  const int64_t n_chunks = (N + nc - 1) / nc;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<uint16_t> wbuf(size_t(nc * p.rs));
+    for (int64_t i = i0; i < i1; ++i) chunk_bf16(p, i * nc, std::min(N, (i + 1) * nc), wbuf.data());
+  });
+  return out;
+}
+
+at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, int64_t block, int64_t bf16_rows) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scale.dim() == 2, "int8_mm: x [M, K], w [N, K], scale [N, G]");
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8_mm: the weight must be int8");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "int8_mm: CPU tensors");
@@ -398,7 +548,7 @@ at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, in
               "int8_mm: scale shape [", scale.size(0), ", ", G, "] does not fit the weight [", N, ", ", K, "]");
   TORCH_CHECK(block >= 1 && block <= KB_MAX, "int8_mm: block must be in 1..", KB_MAX);
   if (isa < 0) isa = best_isa();
-  TORCH_CHECK(isa <= best_isa(), "int8_mm: ISA path ", ISA_NAMES[std::min<int64_t>(isa, 3)],
+  TORCH_CHECK(isa <= best_isa(), "int8_mm: ISA path ", ISA_NAMES[std::min<int64_t>(isa, ISA_MAX)],
               " is not supported by this CPU (best: ", ISA_NAMES[best_isa()], ")");
 
   const auto out_dtype = x.scalar_type();
@@ -407,6 +557,8 @@ at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, in
   else if (out_dtype == at::kHalf) out_kind = OUT_F16;
   else if (out_dtype == at::kFloat) out_kind = OUT_F32;
   else TORCH_CHECK(false, "int8_mm: activations must be bf16, fp16 or fp32, got ", out_dtype);
+  if (isa == ISA_AVX512BF16 && out_kind == OUT_BF16 && G == 1 && M >= std::max<int64_t>(1, bf16_rows) && N > 0)
+    return bf16_mm(x, w, scale);
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
 
@@ -467,7 +619,7 @@ at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, in
 }
 
 std::string isa_name(int64_t isa) {
-  TORCH_CHECK(isa >= 0 && isa <= 3, "isa_name: 0..3");
+  TORCH_CHECK(isa >= 0 && isa <= ISA_MAX, "isa_name: 0..", ISA_MAX);
   return ISA_NAMES[isa];
 }
 
@@ -477,7 +629,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normswap CPU int8 weight-only matmul (int16 activations x int8 weights, integer dot products)";
   m.def("int8_mm", &int8_mm, "y[M, N] = x[M, K] @ (w[N, K] * scale)^T; isa -1 = best this CPU supports",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scale"), pybind11::arg("isa") = -1,
-        pybind11::arg("block") = 256);
-  m.def("best_isa", &best_isa, "the best ISA path this CPU runs: 0 scalar, 1 avx2, 2 avx512bw, 3 avx512vnni");
+        pybind11::arg("block") = 256, pybind11::arg("bf16_rows") = BF16_MIN_ROWS);
+  m.def("best_isa", &best_isa,
+        "the best ISA path this CPU runs: 0 scalar, 1 avx2, 2 avx512bw, 3 avx512vnni, 4 avx512bf16");
   m.def("isa_name", &isa_name);
+  m.attr("BF16_MIN_ROWS") = BF16_MIN_ROWS;
 }
