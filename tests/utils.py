@@ -1,6 +1,6 @@
 """The tests' shared helpers, one implementation each (modelled on vLLM's tests/utils.py): free ports, a vLLM
-OpenAI-compatible server on a free port, random token prompts, /health and /metrics, tiny random checkpoints and
-the offline vLLM runner. ``conftest.py`` holds only fixtures built from these.
+OpenAI-compatible server on a free port, random token prompts, /health and /metrics, tiny random checkpoints,
+the offline vLLM runner and a training interrupt. ``conftest.py`` holds only fixtures built from these.
 
 Tests import it as ``from utils import ...`` (pytest puts tests/ on sys.path for the rootdir conftest).
 """
@@ -252,3 +252,18 @@ def run_vllm_offline(spec: dict | list[dict], timeout: float = 600, env: dict | 
     assert lines, f"vLLM run printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     results = json.loads(lines[-1].removeprefix("RESULT_JSON "))
     return results if isinstance(spec, list) else results[0]
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+def interrupt_after_save(step: int):
+    """A transformers TrainerCallback that stops a run like Ctrl-C right after its checkpoint of ``step`` is
+    written: the resume tests of `normswap heal` and the zoo's trainer."""
+    from transformers import TrainerCallback  # imported when used: most tests never train
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt
+
+    return Interrupt()

@@ -16,13 +16,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
-
 from vllm_normswap.checkpoints import zoo
 from vllm_normswap.checkpoints.corpus import load_corpus
 from vllm_normswap.checkpoints.files import load_reference
 from vllm_normswap.checkpoints.heal import HealSpec, heal, prepare_data
-from utils import get_open_port
+from utils import get_open_port, interrupt_after_save
 
 TEACHER, STUDENT = zoo.option_dir("ln-gelu"), zoo.option_dir("ln-swiglu")
 SPEC = dict(tokens=4 * 32 * 6, batch_size=4, ctx=32, eval_steps=3, eval_windows=8, logging_steps=1, patience=5)
@@ -75,22 +73,11 @@ def test_two_processes_match_one(tmp_path, corpus):
     assert a[1]["loss"] > 0.01  # a real distance to close, not two zeros agreeing
 
 
-class Interrupt(TrainerCallback):
-    """Stops the run like Ctrl-C right after the checkpoint of step ``step``."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_resumes_from_its_checkpoint(tmp_path, corpus):
     spec = HealSpec(**SPEC)
     full = heal(STUDENT, TEACHER, tmp_path / "full", corpus, spec, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        heal(STUDENT, TEACHER, tmp_path / "resumed", corpus, spec, progress=False, callbacks=[Interrupt(3)])
+        heal(STUDENT, TEACHER, tmp_path / "resumed", corpus, spec, progress=False, callbacks=[interrupt_after_save(3)])
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3").is_dir()
     assert not (tmp_path / "resumed" / "heal.json").exists()
     resumed = heal(STUDENT, TEACHER, tmp_path / "resumed", corpus, spec, progress=False)

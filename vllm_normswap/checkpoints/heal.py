@@ -1,5 +1,6 @@
 """`normswap heal STUDENT --teacher SRC DST`: distil a swapped checkpoint (``normswap swap``) back to the model it
-was made from, on the transformers classes (model/hf_model.py) through transformers' ``Trainer``.
+was made from, on the transformers classes (model/hf_model.py) through transformers' ``Trainer``: the trainer
+`normswap zoo build` uses too (train.py), with distillation as its loss.
 
 The loss per token, averaged over the batch's tokens (Hinton et al. 2015, "Distilling the knowledge in a neural
 network": soft targets at temperature 1, the hard-label term at a much lower weight):
@@ -74,28 +75,26 @@ def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
 
 
 def _classes(dst: Path, ctx: int, batch_size: int):
-    """The Trainer subclass and the log-file callback, built on first use (transformers' Trainer imports
-    accelerate, which the CLI's other commands do not need)."""
-    from transformers import Trainer, TrainerCallback
+    """The distillation variant of the shared trainer (train.py) and the log-file callback, built on first use
+    (transformers' Trainer imports accelerate, which the CLI's other commands do not need)."""
+    from transformers import TrainerCallback
     from transformers.trainer_utils import EvalLoopOutput
 
-    class DistillTrainer(Trainer):
-        def __init__(self, *args, teacher, spec: HealSpec, heldout: torch.Tensor, **kwargs):
+    from vllm_normswap.checkpoints.train import WindowTrainer
+
+    class DistillTrainer(WindowTrainer):
+        def __init__(self, *args, teacher, heal_spec: HealSpec, heldout: torch.Tensor, **kwargs):
             super().__init__(*args, **kwargs)
-            self.teacher, self.spec, self.heldout = teacher.eval().requires_grad_(False), spec, heldout
+            self.teacher, self.heal_spec, self.heldout = teacher.eval().requires_grad_(False), heal_spec, heldout
             self._train_sums = torch.zeros(3)  # kl, ce, batches since the last log row (this process)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids = inputs["input_ids"]
-            x, targets = ids[:, :-1], ids[:, 1:]
-            out = model(input_ids=x)
+        def window_loss(self, logits, x, targets):
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=x).logits
-            kl, nll, _ = distill_terms(out.logits, teacher_logits, targets)
+            kl, nll, _ = distill_terms(logits, teacher_logits, targets)
             n = targets.numel()
-            loss = self.spec.kl_weight * kl / n + self.spec.lm_weight * nll / n
             self._train_sums += torch.tensor([float(kl.detach()) / n, float(nll.detach()) / n, 1.0])
-            return (loss, out) if return_outputs else loss
+            return self.heal_spec.kl_weight * kl / n + self.heal_spec.lm_weight * nll / n
 
         def log(self, logs, start_time=None):
             if "loss" in logs:  # a training row: add the two terms, averaged over processes and batches
@@ -137,17 +136,6 @@ def _classes(dst: Path, ctx: int, batch_size: int):
                 write_log(state.log_history, dst, ctx, batch_size)
 
     return DistillTrainer, LogFiles
-
-
-class WindowDataset(torch.utils.data.Dataset):
-    def __init__(self, windows: torch.Tensor):
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return self.windows.shape[0]
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.windows[i]}
 
 
 def prepare_data(student: Path, corpus_path, spec: HealSpec, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,9 +231,10 @@ def heal(student, teacher, dst, corpus=None, spec: HealSpec = HealSpec(), progre
     ``callbacks``: more transformers TrainerCallbacks."""
     import os
 
-    from transformers import EarlyStoppingCallback, TrainingArguments
+    from transformers import EarlyStoppingCallback
     from transformers.trainer_utils import get_last_checkpoint
 
+    from vllm_normswap.checkpoints.train import TrainSpec, WindowDataset, training_arguments
     from vllm_normswap.model.hf_model import NormSwapForCausalLM
 
     student, teacher, dst = Path(student), Path(teacher), Path(dst)
@@ -256,15 +245,14 @@ def heal(student, teacher, dst, corpus=None, spec: HealSpec = HealSpec(), progre
                               f"{world} processes")
     train, heldout = prepare_data(student, corpus, spec, ctx)
     resume = get_last_checkpoint(str(dst / "checkpoints")) if (dst / "checkpoints").is_dir() else None
-    args = TrainingArguments(
-        output_dir=str(dst / "checkpoints"), max_steps=max_steps(spec, ctx), learning_rate=spec.lr,
-        warmup_steps=spec.warmup_steps, lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0,
-        per_device_train_batch_size=spec.batch_size // world, per_device_eval_batch_size=8, seed=spec.seed,
-        train_sampling_strategy="sequential", eval_strategy="steps", eval_steps=spec.eval_steps,
-        save_strategy="steps", save_steps=spec.eval_steps, save_total_limit=2, load_best_model_at_end=True,
-        metric_for_best_model="kl", greater_is_better=False, logging_steps=spec.logging_steps,
-        eval_on_start=resume is None, report_to="none", disable_tqdm=not progress, dataloader_drop_last=True,
-        use_cpu=not torch.cuda.is_available())
+    # the shared trainer (train.py) with heal's optimizer: cosine decay to 0, no weight decay, AdamW's default beta2
+    train_spec = TrainSpec(steps=max_steps(spec, ctx), batch_size=spec.batch_size, ctx=ctx, lr=spec.lr,
+                           warmup=spec.warmup_steps, min_lr_ratio=0.0, weight_decay=0.0, beta2=0.999, seed=spec.seed)
+    args = training_arguments(
+        train_spec, dst / "checkpoints", progress, world, per_device_eval_batch_size=8, eval_strategy="steps",
+        eval_steps=spec.eval_steps, save_strategy="steps", save_steps=spec.eval_steps, save_total_limit=2,
+        load_best_model_at_end=True, metric_for_best_model="kl", greater_is_better=False,
+        logging_steps=spec.logging_steps, eval_on_start=resume is None)
     if args.world_size != world:
         raise CheckpointError(f"the Trainer sees {args.world_size} processes, WORLD_SIZE says {world}; start several "
                               "processes with `accelerate launch --multi_gpu --num_processes N -m vllm_normswap.cli "
@@ -274,7 +262,7 @@ def heal(student, teacher, dst, corpus=None, spec: HealSpec = HealSpec(), progre
     trainer_class, log_files = _classes(dst, ctx, spec.batch_size)
     trainer = trainer_class(
         model=model, args=args, train_dataset=WindowDataset(train), eval_dataset=WindowDataset(heldout),
-        teacher=teacher_model, spec=spec, heldout=heldout,
+        spec=train_spec, teacher=teacher_model, heal_spec=spec, heldout=heldout,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=spec.patience), log_files(), *callbacks])
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)  # eval_on_start: step 0 is the student as swapped

@@ -5,7 +5,9 @@
 
 The committed zoo (vllm_normswap/zoo/<option>/) is what `zoo build` writes with no flags. All four share the
 corpus, tokenizer, token budget, data order and init seed; only (norm_type, ffn_act) and the SwiGLU width rule
-(same parameter count, +-2%) differ. Training state is cached under $VLLM_NORMSWAP_CACHE (default
+(same parameter count, +-2%) differ. Training goes through the trainer `normswap heal` uses (train.py:
+transformers' Trainer); the committed weights came from the hand-written loop it replaced, and the two were
+checked equivalent (docs/zoo.md). Training state is cached under $VLLM_NORMSWAP_CACHE (default
 ~/.cache/vllm-normswap)/zoo/<key>/, key = hash of corpus + shapes + schedule, so an interrupted build resumes and
 a finished option is not retrained.
 """
@@ -16,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +26,7 @@ from pathlib import Path
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 DATA_SEED = 1234  # data order, shared by all options
 EVAL_WINDOWS_PER_DOC = 2  # held-out evaluation: this many windows from every held-out file (dataset.spread_windows)
-FORMAT = 2  # bump when the cache layout or training code changes meaning
+FORMAT = 3  # bump when the cache layout or training code changes meaning (3: Trainer checkpoints, train.py)
 
 # shape (GELU width; SwiGLU options get swiglu_width) and schedule of the committed zoo, and of the --quick smoke run
 FULL = {"shape": dict(hidden_size=192, layers=4, heads=3, vocab_size=4096, max_positions=256, gelu_width=768),
@@ -115,16 +118,17 @@ def build(out: Path = ZOO_DIR, corpus_path=None, quick: bool = False, progress: 
             result = torch.load(done_path, weights_only=True)
             log(f"{option}: trained already (cache)")
         else:
-            tensors, train_log = train(arch, data["train"], order, spec, state_path=cache / f"{option}.state.pt",
-                                       desc=option, progress=progress)
+            log(f"{option}: training {spec.steps} steps")
+            tensors, train_log = train(arch, data["train"], order, spec, checkpoint_dir=cache / f"{option}.trainer",
+                                       progress=progress)
             result = {"tensors": tensors, "log": train_log}
             torch.save(result, done_path)
-            (cache / f"{option}.state.pt").unlink(missing_ok=True)
+            shutil.rmtree(cache / f"{option}.trainer", ignore_errors=True)
         dst = save_checkpoint(out / option, arch, result["tensors"])
         save_hf_tokenizer(tok, dst)
         model = load_reference(dst)  # score the bf16 weights actually written, not the fp32 masters
         metrics = evaluate(model, eval_windows, byte_lengths, data["train"][:, :-1])
-        losses = result["log"]["losses"]
+        losses = [round(x, 4) for x in result["log"]["losses"]]
         row = {"option": option, "parameters": parameter_count(arch), "intermediate_size": arch.intermediate_size,
                **metrics, "train_seconds": round(result["log"]["seconds"], 1),
                "train_tokens_per_s": result["log"]["tokens_per_s"],
