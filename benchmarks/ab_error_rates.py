@@ -12,9 +12,9 @@ keep at or below 5%). Binomial CIs are Clopper–Pearson (exact). Labels within 
 the pooled per-label CI treats them as independent and is too narrow; the per-run rate has no such caveat.
 
 Resumable: each finished run appends one line to WORK/runs.jsonl at once; a rerun with the same --work skips
-what is there. Arguments after -- go to `normswap ab`. The probe servers and the reference probe curve are skipped
-by default (--probe-shifts '' --probe-grid 0: they run after every load round and cannot move a load label, and
-save ~3 min a run); --with-probe keeps them.
+what is there. Arguments after -- go to `normswap ab`. The probe servers, the reference probe curve and the int8
+attribution are skipped by default (--probe-shifts '' --probe-grid 0 --attribution off: they run after every
+load round and cannot move a load label, and save ~3.5 min a run); --with-probe keeps them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -34,6 +35,17 @@ sys.path.insert(0, str(HERE))
 from machine import cpu_info  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
 
 LATENCY_KEYS = ("throughput", "ttft_p50", "tpot_mean", "e2e_p50")
+
+
+def _head() -> str | None:
+    """The commit the run measured (the A/A runs of one --work folder may span several)."""
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    return r.stdout.strip() or None
+
+
+def kind_slug(cpu: dict) -> str:
+    """'avx512bf16', 'avx512' (AVX-512 without BF16) or 'avx2': names result files and work folders."""
+    return cpu["kind"].split(" ")[0].lower().replace("-", "")
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -61,6 +73,9 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 def run_record(results: dict, summary: dict, wall_s: float) -> dict:
     """What one A/A run adds to runs.jsonl: its labels adjusted and unadjusted, p-values and resolution."""
     rec = {"run_dir": summary.get("run_dir"), "wall_s": round(wall_s, 1), "failed": summary.get("failed", []),
+           "cpu_kind": cpu_info()["kind"], "commit": _head(),
+           "load_avg_1m_after": round(os.getloadavg()[0], 2),
+           "placement": next((r.get("placement") for r in results.get("runs", []) if r.get("placement")), None),
            "labels": {}, "unadjusted": {}, "p": {}, "detectable": {}}
     for option, c in results.get("comparisons", {}).items():
         ld = c.get("load") or {}
@@ -123,7 +138,8 @@ def result_table(summary: dict, cpu: dict, ab_args: list[str]) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=20, help="A/A runs to have in WORK/runs.jsonl (>= 20 for the README)")
-    p.add_argument("--work", default="runs/ab-error-rates", help="run folders and runs.jsonl (resumable)")
+    p.add_argument("--work", default="", help="run folders and runs.jsonl (resumable; default "
+                                             "runs/ab-error-rates-KIND, one per CPU kind)")
     p.add_argument("--result", default="", help="result file (default benchmarks/results/ab_error_rates_KIND.json; "
                                                 "'-' = none)")
     p.add_argument("--with-probe", action="store_true",
@@ -133,12 +149,16 @@ def main() -> int:
     ab_args = [a for a in args.ab_args if a != "--"]
     if "--aa" in ab_args or "--out" in ab_args:
         raise SystemExit("--aa and --out are set by this script; drop them from the arguments after --")
-    work = Path(args.work)
+    work = Path(args.work or f"runs/ab-error-rates-{kind_slug(cpu_info())}")
     work.mkdir(parents=True, exist_ok=True)
     log = work / "runs.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    kinds = {r.get("cpu_kind") for r in records} - {None}
+    if kinds and kinds != {cpu_info()["kind"]}:  # the box's kind changed under a kept --work folder
+        raise SystemExit(f"{log} holds A/A runs measured on {sorted(kinds)}, this CPU is {cpu_info()['kind']}: "
+                         f"give another --work (the default has the kind in its name)")
     cmd = [sys.executable, "-m", "vllm_normswap.cli", "ab", "--aa", "--out", str(work / "runs"),
-           *([] if args.with_probe else ["--probe-shifts", "", "--probe-grid", "0"]), *ab_args]
+           *([] if args.with_probe else ["--probe-shifts", "", "--probe-grid", "0", "--attribution", "off"]), *ab_args]
     bar = tqdm(total=args.runs, initial=min(len(records), args.runs), desc="A/A runs", unit="run")
     while len(records) < args.runs:
         t0 = time.monotonic()
@@ -158,8 +178,7 @@ def main() -> int:
     cpu = cpu_info()
     summary = summarize(records[:args.runs] if args.runs else records)
     table = result_table(summary, cpu, ab_args)
-    kind = cpu["kind"].split(" ")[0].lower().replace("-", "")
-    result = args.result or str(HERE / "results" / f"ab_error_rates_{kind}.json")
+    result = args.result or str(HERE / "results" / f"ab_error_rates_{kind_slug(cpu)}.json")
     if result != "-":
         Path(result).write_text(json.dumps(table, indent=1) + "\n")
     print(json.dumps({"result_file": None if result == "-" else result, **summary, "cpu": cpu}))
