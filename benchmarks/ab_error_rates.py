@@ -75,7 +75,6 @@ def run_record(results: dict, summary: dict, wall_s: float) -> dict:
     rec = {"run_dir": summary.get("run_dir"), "wall_s": round(wall_s, 1), "failed": summary.get("failed", []),
            "cpu_kind": cpu_info()["kind"], "commit": _head(),
            "load_avg_1m_after": round(os.getloadavg()[0], 2),
-           "placement": next((r.get("placement") for r in results.get("runs", []) if r.get("placement")), None),
            "labels": {}, "unadjusted": {}, "p": {}, "detectable": {}}
     for option, c in results.get("comparisons", {}).items():
         ld = c.get("load") or {}
