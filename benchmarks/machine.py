@@ -4,8 +4,16 @@ batch-1 roofline), the CPUs of a thread binding."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
+
+# the package from this checkout where the interpreter lacks it (the llama.cpp peer's, llama_cpp_peer.py):
+# appended, so an installed vllm_normswap comes first
+CHECKOUT = str(Path(__file__).resolve().parent.parent)
+if CHECKOUT not in sys.path:
+    sys.path.append(CHECKOUT)
+from vllm_normswap.cpuinfo import cpu_model_and_flags  # noqa: E402
 
 KIND_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 EMULATED_AVX2 = os.environ.get("NORMSWAP_AS_AVX2") == "1"  # scripts/as_avx2.sh holds every kernel choice to AVX2
@@ -14,9 +22,7 @@ EMULATED_AVX2 = os.environ.get("NORMSWAP_AS_AVX2") == "1"  # scripts/as_avx2.sh 
 def cpu_info() -> dict:
     """The CPU model, core count and the flags that decide which kernels run (ours, vLLM's bf16 linear and
     llama.cpp's); every benchmark here records it."""
-    text = Path("/proc/cpuinfo").read_text()
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith("flags")), "").split())
+    model, flags = cpu_model_and_flags()
     kind = "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512 without BF16" if "avx512f" in flags else "AVX2"
     seen = [f for f in KIND_FLAGS if f in flags]
     if EMULATED_AVX2:

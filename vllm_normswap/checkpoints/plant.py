@@ -35,7 +35,6 @@ at most TOLERANCE x the largest per-token |delta logprob| that bf16 rounding alo
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -44,9 +43,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
 
-from vllm_normswap.checkpoints.corpus import load_corpus
+from vllm_normswap.checkpoints.calibration import calibration_windows, compare, logprobs, reference_model
 from vllm_normswap.checkpoints.files import load_arch, load_config, load_tensors
 from vllm_normswap.model.checkpoint_format import CheckpointError, int8_layout
 from vllm_normswap.model.reference import ReferenceModel
@@ -93,28 +91,6 @@ def _check(spec: PlantSpec, arch, dtype: torch.dtype) -> int:
     return layer
 
 
-@functools.lru_cache(maxsize=2)
-def _corpus(path):
-    """The text, read once per process (the stdlib corpus is ~30 MB of files): calibration and check share it."""
-    return load_corpus(path)
-
-
-def calibration_windows(src, corpus=None, split: str = "train", n_docs: int = CALIBRATION_DOCS,
-                        tokens: int = DOC_TOKENS) -> list[list[int]]:
-    """Token ids of ``n_docs`` documents spread evenly over a corpus split (the zoo corpus by default), first
-    ``tokens`` tokens each, with the checkpoint's own tokenizer."""
-    path = Path(src) / "tokenizer.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: `normswap plant` tokenizes calibration and held-out text with the "
-                              "checkpoint's tokenizer.json")
-    tok = Tokenizer.from_file(str(path))
-    c = _corpus(corpus)
-    docs = c.train if split == "train" else c.heldout
-    picked = [docs[i * len(docs) // n_docs] for i in range(min(n_docs, len(docs)))]
-    limit = min(tokens, load_arch(src).max_position_embeddings)
-    return [ids[:limit] for ids in (tok.encode(d).ids for d in picked) if len(ids) >= 2]
-
-
 @torch.no_grad()
 def _act_out(model: ReferenceModel, windows: list[list[int]], layer: int) -> torch.Tensor:
     """act_out of ``layer`` on every calibration token: [tokens, intermediate_size], fp32."""
@@ -131,8 +107,7 @@ def plant_tensors(arch, tensors: dict[str, torch.Tensor], windows: list[list[int
     """The planted tensors (in the checkpoint's dtype) and what was done (layer, channels, ...)."""
     dtype = next(iter(tensors.values())).dtype
     layer = _check(spec, arch, dtype)
-    ref = ReferenceModel(arch).eval()
-    ref.load_checkpoint_tensors(tensors)
+    ref = reference_model(arch, tensors)
     act = _act_out(ref, windows, layer)
     p = f"model.layers.{layer}.mlp"
     w_down, b_down = tensors[f"{p}.down_proj.weight"].float(), tensors[f"{p}.down_proj.bias"].float()
@@ -192,31 +167,20 @@ def int8_round_trip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-@torch.no_grad()
-def _logprobs(arch, tensors, docs: list[list[int]], dtype) -> list[torch.Tensor]:
-    model = ReferenceModel(arch, dtype=dtype).eval()
-    model.load_checkpoint_tensors(tensors)
-    return [model(torch.tensor(ids)).float().log_softmax(-1)[:-1] for ids in docs]
-
-
-def _target_delta(a, b, docs) -> float:
-    """max over scored tokens of |log p_a(x_t | x_<t) - log p_b(x_t | x_<t)| (the prompt logprobs a server returns)."""
-    return max(float((x - y).gather(-1, torch.tensor(ids[1:])[:, None]).abs().max()) for x, y, ids in zip(a, b, docs))
-
-
-def _kl(a, b) -> float:
-    """Mean per token of KL(a || b), full vocabulary, nats."""
-    return sum(float((x.exp() * (x - y)).sum()) for x, y in zip(a, b)) / sum(x.shape[0] for x in a)
-
-
 def measure(arch, original, planted, docs: list[list[int]]) -> dict:
-    f32 = _logprobs(arch, original, docs, torch.float32)
-    f32_planted = _logprobs(arch, planted, docs, torch.float32)
-    bf16 = _logprobs(arch, original, docs, torch.bfloat16)
-    bf16_planted = _logprobs(arch, planted, docs, torch.bfloat16)
-    int8_planted = _logprobs(arch, int8_round_trip(planted), docs, torch.bfloat16)
-    fp32_delta, bf16_delta = _target_delta(f32_planted, f32, docs), _target_delta(bf16, f32, docs)
-    floor, int8 = _kl(f32_planted, bf16_planted), _kl(bf16_planted, int8_planted)
+    def scored(tensors, dtype) -> list[torch.Tensor]:  # every document's logprobs, kept: each set is compared twice
+        model = reference_model(arch, tensors, dtype)
+        return [logprobs(model, ids) for ids in docs]
+
+    f32 = scored(original, torch.float32)
+    f32_planted = scored(planted, torch.float32)
+    bf16 = scored(original, torch.bfloat16)
+    bf16_planted = scored(planted, torch.bfloat16)
+    int8_planted = scored(int8_round_trip(planted), torch.bfloat16)
+    # the largest |delta logprob| of an observed token: what a server's prompt logprobs would show
+    fp32_delta = compare(f32_planted, f32, docs)["max_abs_logprob_delta"]
+    bf16_delta = compare(bf16, f32, docs)["max_abs_logprob_delta"]
+    floor, int8 = compare(f32_planted, bf16_planted, docs)["kl"], compare(bf16_planted, int8_planted, docs)["kl"]
     return {"documents": len(docs), "tokens": sum(len(d) - 1 for d in docs),
             "fp32_delta": fp32_delta, "bf16_delta": bf16_delta, "tolerance": TOLERANCE * bf16_delta,
             "within_tolerance": fp32_delta <= TOLERANCE * bf16_delta,
@@ -236,7 +200,8 @@ def plant(src, dst, spec: PlantSpec = PlantSpec(), corpus=None, check: bool = Tr
                               "the planted copy afterwards (`normswap quantize`)")
     arch, tensors = load_arch(src), load_tensors(src)
     _check(spec, arch, next(iter(tensors.values())).dtype)  # bad arguments fail before any text is read
-    planted, info = plant_tensors(arch, tensors, calibration_windows(src, corpus), spec)
+    calibration = calibration_windows(src, corpus, "train", CALIBRATION_DOCS, DOC_TOKENS)
+    planted, info = plant_tensors(arch, tensors, calibration, spec)
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -249,7 +214,8 @@ def plant(src, dst, spec: PlantSpec = PlantSpec(), corpus=None, check: bool = Tr
     (tmp / "plant.json").write_text(json.dumps({**result, "spec": asdict(spec)}, indent=1) + "\n")
     tmp.rename(dst)
     if check:
-        result.update(measure(arch, tensors, planted, calibration_windows(src, corpus, "heldout", EVAL_DOCS)))
+        heldout = calibration_windows(src, corpus, "heldout", EVAL_DOCS, DOC_TOKENS)
+        result.update(measure(arch, tensors, planted, heldout))
     return result
 
 

@@ -33,19 +33,18 @@ fp32 (bf16 rounding would undo the exact norm swap).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from vllm_normswap.checkpoints.calibration import calibration_windows, compare, logprobs, reference_model
 from vllm_normswap.checkpoints.files import load_arch, load_config, load_tensors, save_checkpoint
-from vllm_normswap.checkpoints.plant import calibration_windows
 from vllm_normswap.checkpoints.to_rmsnorm import to_rmsnorm
 from vllm_normswap.model.checkpoint_format import CheckpointError, int8_layout
 from vllm_normswap.model.config import NormSwapArch, parameter_count, swiglu_width
-from vllm_normswap.model.reference import ReferenceModel, function
+from vllm_normswap.model.reference import function
 from vllm_normswap.registry import GATED_ACTS, OPTIONS, ConfigError, check_choice
 
 
@@ -141,8 +140,7 @@ def swap_ffn_layer(p: str, tensors: dict, out: dict, capture: dict, width: int, 
 @torch.no_grad()
 def _capture(arch: NormSwapArch, tensors: dict, windows: list[list[int]]) -> dict:
     """{layer: {site: tensor [tokens, width]}} over every calibration window (fp32 reference model)."""
-    model = ReferenceModel(arch).eval()
-    model.load_checkpoint_tensors(tensors)
+    model = reference_model(arch, tensors)
     sites: dict = {}
     for ids in windows:
         capture: dict = {}
@@ -175,28 +173,13 @@ def swap_ffn(arch: NormSwapArch, new_arch: NormSwapArch, tensors: dict, windows:
 
 # ---- the starting distance to the source ----------------------------------------------------------------------
 
-@torch.no_grad()
 def distance(arch_a, tensors_a, arch_b, tensors_b, windows: list[list[int]]) -> dict:
     """KL(a || b) (mean per token, full vocabulary, nats), both perplexities, and the largest |delta logprob| of
-    the observed next tokens, on ``windows`` (fp32 reference models)."""
-    models = []
-    for arch, tensors in ((arch_a, tensors_a), (arch_b, tensors_b)):
-        m = ReferenceModel(arch).eval()
-        m.load_checkpoint_tensors(tensors)
-        models.append(m)
-    kl = nll_a = nll_b = delta = 0.0
-    n = 0
-    for ids in windows:
-        t = torch.tensor(ids)
-        la, lb = (m(t[:-1]).float().log_softmax(-1) for m in models)
-        target = t[1:, None]
-        kl += float((la.exp() * (la - lb)).sum())
-        ta, tb = la.gather(-1, target), lb.gather(-1, target)
-        nll_a, nll_b = nll_a - float(ta.sum()), nll_b - float(tb.sum())
-        delta = max(delta, float((ta - tb).abs().max()))
-        n += len(ids) - 1
-    return {"kl": kl / n, "src_ppl": round(math.exp(nll_a / n), 3), "dst_ppl": round(math.exp(nll_b / n), 3),
-            "max_abs_logprob_delta": delta, "tokens": n}
+    the observed next tokens, on ``windows`` (fp32 reference models, one window at a time)."""
+    a, b = reference_model(arch_a, tensors_a), reference_model(arch_b, tensors_b)
+    d = compare((logprobs(a, ids) for ids in windows), (logprobs(b, ids) for ids in windows), windows)
+    return {"kl": d["kl"], "src_ppl": round(d["ppl_a"], 3), "dst_ppl": round(d["ppl_b"], 3),
+            "max_abs_logprob_delta": d["max_abs_logprob_delta"], "tokens": d["tokens"]}
 
 
 # ---- the command ----------------------------------------------------------------------------------------------

@@ -17,12 +17,12 @@ import functools
 import hashlib
 import json
 import os
-import platform
 from pathlib import Path
 
 import torch
 
 from vllm_normswap.atomic import write_text_atomic
+from vllm_normswap.cpuinfo import cpu_model_and_flags
 from vllm_normswap.logs import plugin_logger
 from vllm_normswap.quant.cpu_kernels import native_bf16
 
@@ -38,17 +38,6 @@ def _log():
     return plugin_logger(__name__)
 
 
-def cpu_model_and_flags() -> tuple[str, list[str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), []
-    lines = text.splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.machine())
-    flags = set(next((ln.split(":", 1)[1] for ln in lines if ln.startswith(("flags", "Features"))), "").split())
-    return model, [f for f in ISA_FLAGS if f in flags]
-
-
 @functools.lru_cache(maxsize=None)
 def fingerprint() -> dict:
     from importlib.metadata import PackageNotFoundError, version
@@ -58,8 +47,9 @@ def fingerprint() -> dict:
     except PackageNotFoundError:
         vllm_version = "none"
     model, flags = cpu_model_and_flags()
+    isa = [f for f in ISA_FLAGS if f in flags]
     sources = hashlib.sha256(b"".join(p.read_bytes() for p in KERNEL_SOURCES)).hexdigest()[:16]
-    return {"format": FORMAT, "cpu": model, "flags": flags, "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"format": FORMAT, "cpu": model, "flags": isa, "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
             "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "vllm": vllm_version,
             "kernel_sources": sources}
