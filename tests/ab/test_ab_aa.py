@@ -9,6 +9,7 @@ rejects it (the rare, allowed false alarm), and its throughput p-value is recomp
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,20 @@ def test_both_sides_are_one_configuration(aa):
     # an int8 server in B's place would give KL > 0 (test_ab_run.py)
     q = results["comparisons"][OPTION]["int8_vs_bf16"]
     assert q["kl"]["hi"] <= 1e-9 and q["ppl_a"]["value"] == pytest.approx(q["ppl_b"]["value"], rel=1e-9)
+
+
+def test_locust_placement_splits_the_cores(aa):
+    """Where vLLM bound its worker (servers started fresh), locust ran on the other cores: the two recorded sets
+    split this machine's cores. Forked servers' workers come up unbound (docs/environment.md), and then locust
+    is left to the scheduler ("any"). The reading itself: tests/serving/test_placement.py."""
+    results, _ = aa
+    cores = sorted(os.sched_getaffinity(0))
+    for r in results["runs"]:
+        placed = r["load_placement"]
+        if not placed["worker_cores"] or len(cores) < 2:
+            assert placed["locust_cores"] == "any"
+        else:
+            assert sorted(placed["worker_cores"] + placed["locust_cores"]) == cores
 
 
 def _holm(pvalues: dict, alpha: float = 0.05) -> set:

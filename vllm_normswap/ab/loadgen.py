@@ -27,8 +27,10 @@ RATE_SWEEP = LOAD_TESTS / "rate_sweep.py"
 
 def run_locust(url: str, workload_path, out_dir, users: int = 2, run_time_s: int = 30, max_requests: int = 0,
                model: str = "", seed: int = 0, rate_table=None, per_user_rate: float = 0.0,
-               extra: list[str] | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """One headless locust process (the load generator shares the box with the server: keep it light)."""
+               extra: list[str] | None = None, timeout: float | None = None,
+               cpus: list[int] | None = None) -> subprocess.CompletedProcess:
+    """One headless locust process (the load generator shares the box with the server: keep it light). ``cpus``:
+    bind it to these cores, the ones vLLM's worker is not bound to (runtime/placement.py says why)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = str(LOCUSTFILE) + ("," + str(RATE_SWEEP) if rate_table else "")
@@ -51,7 +53,8 @@ def run_locust(url: str, workload_path, out_dir, users: int = 2, run_time_s: int
     argv += list(extra or [])
     with open(out_dir / "locust.log", "w") as log:
         return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              timeout=timeout or run_time_s + 120)
+                              timeout=timeout or run_time_s + 120,
+                              preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
 
 def read_records(records_dir) -> tuple[list[dict], float | None]:

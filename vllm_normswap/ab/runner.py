@@ -23,6 +23,7 @@ from vllm_normswap.ab.servers import ServerRun, ServerSpec, free_port, log_error
 from vllm_normswap.ab.warmup import warm_up
 from vllm_normswap.ab.workload import build_workload
 from vllm_normswap.registry import BASELINE
+from vllm_normswap.runtime.placement import worker_and_spare
 from vllm_normswap.runtime.server import stop_all
 
 INTERRUPT_STOP_S = 5.0  # on Ctrl-C / SIGTERM: SIGINT to every server, SIGKILL to what is left after this
@@ -200,6 +201,11 @@ class Runner:
         done = defaultdict(int)
         quiet = defaultdict(list)  # run name -> seconds waited for an idle group before each round
         rounds = 0
+        # locust off the worker's cores, read from the running servers (runtime/placement.py: measured faster
+        # and steadier on 2 cores); --endpoint servers have no pid here, and then it goes where the scheduler puts it
+        worker, spare = worker_and_spare(self.pids.values())
+        for t in live:
+            recs[t.name]["load_placement"] = {"worker_cores": worker, "locust_cores": spare or "any"}
 
         def paired() -> int:  # a round whose requests all started inside its ramp-up has no steady span
             return sum(all(loadstats.steady_span(self.rounds[t.name][i]) for t in live) for i in range(rounds))
@@ -218,7 +224,7 @@ class Runner:
                 quiet[t.name].append(wait_quiet(list(self.pids.values())))
                 d = self.dir / "load" / t.name / f"round{rounds}"
                 proc = loadgen.run_locust(t.url, self.prompts_path, d, users=a.users, run_time_s=math.ceil(per_round),
-                                          model=recs[t.name]["served_model"], seed=a.seed + rounds)
+                                          model=recs[t.name]["served_model"], seed=a.seed + rounds, cpus=spare)
                 records, _ = loadgen.read_records(d / "records")
                 if not records:
                     raise RuntimeError(f"locust produced no requests (exit {proc.returncode}); see {d / 'locust.log'}")
