@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from machine import cpu_info  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
+from machine import cpu_info, kind_slug  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
 
 LATENCY_KEYS = ("throughput", "ttft_p50", "tpot_mean", "e2e_p50")
 
@@ -41,11 +41,6 @@ def _head() -> str | None:
     """The commit the run measured (the A/A runs of one --work folder may span several)."""
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
     return r.stdout.strip() or None
-
-
-def kind_slug(cpu: dict) -> str:
-    """'avx512bf16', 'avx512' (AVX-512 without BF16) or 'avx2': names result files and work folders."""
-    return cpu["kind"].split(" ")[0].lower().replace("-", "")
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

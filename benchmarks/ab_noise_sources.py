@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -33,12 +32,13 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from machine import cpu_info  # noqa: E402
+from machine import cpu_info, kind_slug  # noqa: E402
 
 from vllm_normswap.ab import loadgen, loadstats  # noqa: E402
 from vllm_normswap.ab.servers import ServerRun, ServerSpec, free_port, wait_quiet  # noqa: E402
 from vllm_normswap.ab.workload import build_workload  # noqa: E402
 from vllm_normswap.checkpoints.zoo import option_dir  # noqa: E402
+from vllm_normswap.runtime.placement import worker_and_spare  # noqa: E402
 
 CONDITIONS = ("os", "locust-spare", "all-spare")
 
@@ -59,13 +59,12 @@ def role(proc: psutil.Process) -> str:
 
 
 def steady_tok_s(records: list[dict]) -> tuple[float, list[int]]:
-    """The A/B's throughput of a round (ab/loadstats.py: tokens arriving in the steady span over its length),
-    and the tokens of each whole second of that span."""
+    """The A/B's throughput of a round (ab/loadstats.round_measures), and the tokens of each whole second of its
+    steady span."""
     span = loadstats.steady_span(records)
-    ok = [r for r in records if r.get("ok")]
-    t = np.concatenate([loadstats.token_times(r) for r in ok])
+    t = np.concatenate([loadstats.token_times(r) for r in records if r.get("ok")])
     per_s = [int(((t >= a) & (t < a + 1)).sum()) for a in np.arange(span[0], span[1] - 1, 1.0)]
-    return float(((t >= span[0]) & (t < span[1])).sum() / (span[1] - span[0])), per_s
+    return loadstats.round_measures(records)["throughput"], per_s
 
 
 def main() -> int:
@@ -92,8 +91,7 @@ def main() -> int:
         api = procs[0].pid
         allowed = os.sched_getaffinity(0)
         affinity = {(pr.pid, t): os.sched_getaffinity(t) for pr in procs for t in tids(pr.pid)}
-        worker = set().union(*[a for a in affinity.values() if a < allowed])  # threads vLLM bound: the worker
-        spare = allowed - worker
+        worker, spare = map(set, worker_and_spare([run.pid]))  # the cores the A/B's locust placement reads
         if not worker or not spare:
             raise SystemExit(f"worker cores {sorted(worker)}, spare {sorted(spare)}: nothing to compare here")
 
@@ -153,8 +151,7 @@ def main() -> int:
                                                                                "API server", "locust"))]
                       for c, s in summary.items()],
              "summary": summary, "cpu": cpu}
-    slug = cpu["kind"].split(" ")[0].lower().replace("-", "")
-    result = args.result or str(HERE / "results" / f"ab_noise_sources_{slug}.json")
+    result = args.result or str(HERE / "results" / f"ab_noise_sources_{kind_slug(cpu)}.json")
     if result != "-":
         Path(result).write_text(json.dumps(table, indent=1) + "\n")
     print(json.dumps({"result_file": None if result == "-" else result, **summary}))

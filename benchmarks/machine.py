@@ -31,6 +31,12 @@ def cpu_info() -> dict:
     return {"model": model, "cores": os.cpu_count(), "flags": seen, "kind": kind}
 
 
+def kind_slug(cpu: dict) -> str:
+    """'avx512bf16', 'avx512' (AVX-512 without BF16) or 'avx2', from ``cpu_info()``: names result files and work
+    folders."""
+    return cpu["kind"].split(" ")[0].lower().replace("-", "")
+
+
 def read_bw(threads: int = 1, mib: int = 512, reps: int = 3) -> float:
     """Bytes/s that ``threads`` cores read from memory, each from four streams at once (as the int8 GEMV reads),
     measured in this run: the batch-1 roofline. A fixed figure would not do: the CPU and a shared box's
