@@ -1,11 +1,17 @@
 """NORMSWAP_FORK_ENGINE's at-fork hook (vllm_normswap/runtime/engine_fork.py) on real sockets in a real forked child: it
-closes the TCP server sockets the child inherited (bound, or listening) and nothing else. The servers started by
+closes the TCP server sockets the child inherited (bound, or listening) and nothing else, and applies the OpenMP
+binding vLLM set for it, which its already-loaded OpenMP runtime would ignore. The servers started by
 the suite run forked (tests/conftest.py); tests/serving/test_openai_server.py checks one of them from outside."""
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
-from vllm_normswap.runtime.engine_fork import close_inherited_server_sockets
+import pytest
+
+from vllm_normswap.runtime.engine_fork import close_inherited_server_sockets, omp_binding
 
 
 def _open(fd: int) -> bool:
@@ -52,3 +58,63 @@ def test_child_closes_bound_and_listening_tcp_sockets_only():
     assert bound.getsockname()[1] > 0
     for s in (bound, listening, client, accepted, unix_a, unix_b, udp):
         s.close()
+
+
+# vLLM's binding, as utils/ompmultiprocessing.py writes it, and what a forked child must make of it
+@pytest.mark.parametrize("env, want", [
+    ({"OMP_PLACES": "{0,2,3}", "OMP_PROC_BIND": "true", "OMP_NUM_THREADS": "3"}, ({0, 2, 3}, 3)),
+    ({"GOMP_CPU_AFFINITY": "1 3", "OMP_NUM_THREADS": "2"}, ({1, 3}, 2)),
+    ({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[4,5]", "OMP_NUM_THREADS": "2"}, ({4, 5}, 2)),
+    ({"GOMP_CPU_AFFINITY": "0-2"}, ({0, 1, 2}, None)),
+    ({"OMP_PLACES": "{0}"}, (None, None)),  # places without OMP_PROC_BIND=true bind nothing
+    ({}, (None, None)),  # VLLM_CPU_OMP_THREADS_BIND=nobind: vLLM sets nothing
+])
+def test_omp_binding_reads_what_vllm_writes(env, want):
+    assert omp_binding(env) == want
+
+
+def test_omp_binding_refuses_places_it_cannot_read():
+    with pytest.raises(ValueError, match="OMP_PLACES"):
+        omp_binding({"OMP_PLACES": "cores", "OMP_PROC_BIND": "true"})
+
+
+CHILD = """
+import json, os, sys
+import torch
+from vllm_normswap.runtime.engine_fork import apply_omp_binding
+core, apply = int(sys.argv[1]), sys.argv[2] == "apply"
+os.environ.update(OMP_PLACES="{%d}" % core, OMP_PROC_BIND="true", OMP_NUM_THREADS="1")  # set after the import
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        if apply:
+            apply_omp_binding()
+        torch.randn(512, 512) @ torch.randn(512, 512)  # a parallel region: the threads it starts inherit the core
+        tasks = os.listdir("/proc/self/task")
+        out = {"threads": torch.get_num_threads(), "affinity": sorted({c for t in tasks for c in os.sched_getaffinity(int(t))})}
+        os.write(w, json.dumps(out).encode())
+    finally:
+        os._exit(0)
+os.close(w)
+print(os.read(r, 10000).decode())
+os.waitpid(pid, 0)
+"""
+
+
+def _forked_child(core: int, apply: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(core), "apply" if apply else "no"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to see a binding")
+def test_forked_child_takes_the_binding_its_openmp_runtime_missed():
+    """A new process whose torch (and libgomp) loaded before vLLM's variables were set, as in the API server: its
+    forked child must end up on the one core they name, every thread of it, with one torch thread. Without the
+    hook (the control) the same child runs on every core: the variables alone do nothing after the load."""
+    allowed = os.sched_getaffinity(0)
+    core = max(allowed)
+    assert _forked_child(core, apply=True) == {"threads": 1, "affinity": [core]}
+    assert _forked_child(core, apply=False)["affinity"] == sorted(allowed)

@@ -12,6 +12,13 @@ Why it is safe here:
 - A forked child inherits the API server's socket. Left open, a dead API server's port stays bound by its engine
   processes, and clients hang instead of being refused; vLLM's shutdown also trips over the port's other holders
   (a traceback from psutil). The child closes the TCP server sockets it inherited, right after the fork.
+- vLLM binds its CPU worker through OpenMP variables it sets around the worker's creation
+  (``vllm/utils/ompmultiprocessing.py``: ``OMP_NUM_THREADS`` and ``OMP_PLACES`` + ``OMP_PROC_BIND``, or
+  ``GOMP_CPU_AFFINITY`` / ``KMP_AFFINITY`` when that runtime is preloaded). A spawned worker's OpenMP runtime reads
+  them when it loads; a forked one inherits a runtime loaded before they were set, so they would do nothing and
+  the worker would run unbound on every core (seen with ``taskset``, docs/environment.md). The child therefore
+  applies them itself, right after the fork and before any parallel region: its cores as the affinity of its one
+  thread (threads created later inherit it) and the thread count through ``torch.set_num_threads``.
 
 vLLM internals touched (pinned 0.32): ``vllm.platforms.cpu.CpuPlatform.check_and_update_config``.
 """
@@ -59,6 +66,54 @@ def close_inherited_server_sockets() -> int:
     return closed
 
 
+def _ids(text: str) -> set[int]:
+    """'0,2-3' or '0 2 3' (an OpenMP CPU list) as {0, 2, 3}; ValueError on anything else."""
+    out: set[int] = set()
+    for part in text.replace(",", " ").split():
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    if not out:
+        raise ValueError(text)
+    return out
+
+
+def omp_binding(env) -> tuple[set[int] | None, int | None]:
+    """(cores, threads) that the OpenMP variables in ``env`` bind a process to, in the forms vLLM writes them
+    (utils/ompmultiprocessing.py); None for what they leave open. Where vLLM gives one core per thread
+    (GOMP_CPU_AFFINITY, KMP_AFFINITY's proclist) the cores are returned as one set: threads share them."""
+    cores = None
+    if env.get("OMP_PLACES") and env.get("OMP_PROC_BIND", "").lower() == "true":
+        places = env["OMP_PLACES"].strip()
+        if not (places.startswith("{") and places.endswith("}")):
+            raise ValueError(f"OMP_PLACES={places!r}: expected one place, '{{0,1,...}}', as vLLM writes it")
+        cores = _ids(places[1:-1])
+    elif env.get("GOMP_CPU_AFFINITY"):
+        cores = _ids(env["GOMP_CPU_AFFINITY"])
+    elif "proclist=[" in env.get("KMP_AFFINITY", ""):
+        cores = _ids(env["KMP_AFFINITY"].split("proclist=[", 1)[1].split("]", 1)[0])
+    threads = int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS") else None
+    return cores, threads
+
+
+def apply_omp_binding() -> None:
+    """In a forked child: what its OpenMP runtime would have done with vLLM's variables, had it loaded now."""
+    try:
+        cores, threads = omp_binding(os.environ)
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
+        if threads is not None:
+            import torch  # loaded already: the parent imported vLLM
+
+            torch.set_num_threads(threads)
+    except (ValueError, OSError) as err:  # a binding we cannot read or apply: run unbound, as before, and say so
+        log.warning("forked process %d left unbound: %s", os.getpid(), err)
+
+
+def _after_fork_in_child() -> None:
+    close_inherited_server_sockets()
+    apply_omp_binding()
+
+
 def install() -> bool:
     """Idempotent; a no-op unless NORMSWAP_FORK_ENGINE=1 and vLLM runs on its CPU platform."""
     if _state["installed"] or not enabled():
@@ -77,6 +132,6 @@ def install() -> bool:
             log.info("%s, not spawn (no second and third import of torch and vLLM)", FORK_LOG)
 
     cpu.CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
-    os.register_at_fork(after_in_child=close_inherited_server_sockets)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
     _state["installed"] = True
     return True

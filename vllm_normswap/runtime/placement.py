@@ -5,9 +5,9 @@ reserved ones); the API server and the EngineCore are left to the scheduler, and
 2-core box (AVX512-BF16 EPYC, benchmarks/ab_noise_sources.py) locust bound to the spare core made one bf16 zoo
 server 1.6x faster (672 against 414 tok/s) with a smaller round-to-round spread (sd of log tok/s 0.19 against
 0.24); the API server and EngineCore moved there too made it slower (359 tok/s): they need both cores. So the
-A/B binds only its load generator (ab/loadgen.py). A worker forked by the fork server (`normswap ab`'s default
-on CPU, runtime/engine_fork.py) came up with every thread unbound, so there is nothing to read and locust stays
-where the scheduler puts it; with ``--server-start fresh`` the binding holds and locust moves.
+A/B binds only its load generator (ab/loadgen.py). A forked worker (`normswap ab`'s default on CPU) binds itself
+as a spawned one does (runtime/engine_fork.py); under ``VLLM_CPU_OMP_THREADS_BIND=nobind`` nothing is bound and
+locust stays where the scheduler puts it.
 
 The cores are read, not assumed: a thread whose affinity is narrower than this process's allowed set was bound
 by vLLM; the union of those sets is the worker's. With no spare core (a worker bound to every core, or one
