@@ -14,6 +14,9 @@ B = int8 or the A/A copy, measured A then B in every round), on log tokens/s:
   time of day), against what its rounds alone would give;
 - the rounds a ratio needs for a CI half-width of ±10% at the observed spread, alone (95%) and Holm-adjusted over
   16 labels (the report's first step: 1 - 0.05/16).
+
+    python benchmarks/ab_spread.py runs/aa-unbound/runs/* --vs runs/aa-bound/runs/* --names unbound bound \
+        --save benchmarks/results/ab_spread_KIND.json        # two sets side by side, as a README table
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import math
 import statistics as st
 import sys
+import time
 from pathlib import Path
 
 from vllm_normswap.ab.loadstats import t_quantile
@@ -48,13 +52,16 @@ def rounds_for(sd: float, half_width: float, alpha: float) -> int:
 
 
 def analyse(folders: list[Path]) -> dict:
-    servers, options, by_config = [], [], {}
+    servers, options, by_config, detectable = [], [], {}, []
     for folder in folders:
         results = json.loads((folder / "results.json").read_text())
         for option, c in results.get("comparisons", {}).items():
             per = (c.get("load") or {}).get("per_round_tokens_per_s")
             if not per:
                 continue
+            det = ((c["load"].get("resolution") or {}).get("throughput") or {}).get("detectable")
+            if det is not None:
+                detectable.append(det)
             logs = {side: [math.log(x) for x in per[side] if x] for side in ("a", "b")}
             for side, y in logs.items():
                 slope, r2 = _trend(y)
@@ -82,6 +89,9 @@ def analyse(folders: list[Path]) -> dict:
     return {
         "folders": [str(f) for f in folders],
         "summary": {
+            "servers": len(servers),
+            "tok_s_median": st.median([s["tok_s_mean"] for s in servers]),
+            "detectable_throughput_median": st.median(detectable) if detectable else None,
             "sd_log_round_median": st.median([s["sd_log"] for s in servers]),
             "sd_log_round_by_side": {side: st.median([s["sd_log"] for s in servers if s["side"] == side])
                                      for side in ("a", "b")},
@@ -95,14 +105,61 @@ def analyse(folders: list[Path]) -> dict:
         "servers": servers, "options": options, "between_runs": between}
 
 
+COLUMNS = ["runs", "servers", "median tok/s", "sd of log tok/s per round", "A-B round correlation",
+           "sd of the paired log ratio", "rounds for ±10% (95% / Holm 16)", "median detectable throughput change"]
+
+
+def table_row(name: str, n_runs: int, s: dict) -> list:
+    det = s["detectable_throughput_median"]
+    return [name, n_runs, s["servers"], round(s["tok_s_median"]), round(s["sd_log_round_median"], 3),
+            round(s["corr_ab_median"], 2), round(s["sd_log_ratio_median"], 3),
+            f"{s['rounds_for_10pct_95']} / {s['rounds_for_10pct_holm16']}", f"±{100 * det:.0f}%" if det else "–"]
+
+
+def _command(sets, args) -> str:
+    """The command line, each set of folders as PARENT/* where that is what it was."""
+    def short(folders: list[Path]) -> str:
+        parents = {f.parent for f in folders}
+        if len(parents) == 1 and len(folders) == sum(1 for d in next(iter(parents)).iterdir() if d.is_dir()):
+            return f"{next(iter(parents))}/*"
+        return " ".join(map(str, folders))
+    words = ["benchmarks/ab_spread.py", short(sets[0][1])]
+    if len(sets) > 1:
+        words += ["--vs", short(sets[1][1]), "--names", *(f'"{n}"' for n in args.names)]
+    return " ".join(words)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+", type=Path, help="runs/<timestamp> folders of normswap ab")
+    p.add_argument("--vs", nargs="+", type=Path, default=[],
+                   help="a second set of folders (after a change): both sets summarized side by side")
+    p.add_argument("--names", nargs=2, default=["before", "after"], help="the two sets' names (with --vs)")
+    p.add_argument("--save", default="", help="write the sets' summaries as a benchmarks/results/ table "
+                                              "(benchmarks/render_readme.py renders it)")
+    p.add_argument("--title", default="A/B load-round spread", help="the saved table's title")
     args = p.parse_args()
-    missing = [str(f) for f in args.folders if not (f / "results.json").is_file()]
+    missing = [str(f) for f in [*args.folders, *args.vs] if not (f / "results.json").is_file()]
     if missing:
         raise SystemExit(f"no results.json in {', '.join(missing)}; give runs/<timestamp> folders of normswap ab")
-    print(json.dumps(analyse(args.folders), indent=1))
+    sets = [(args.names[0], args.folders)] + ([(args.names[1], args.vs)] if args.vs else [])
+    out = {name: analyse(folders) for name, folders in sets}
+    print(json.dumps(out if args.vs else out[args.names[0]], indent=1))
+    if args.save:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from machine import cpu_info  # benchmarks/machine.py
+
+        cpu = cpu_info()
+        Path(args.save).write_text(json.dumps({
+            "title": args.title, "benchmark": _command(sets, args),
+            "machine": f"{cpu['model']}, {cpu['cores']} cores", "date": time.strftime("%Y-%m-%d"),
+            "cpu_flags": cpu["kind"] + " (" + " ".join(cpu["flags"]) + ")",
+            "notes": "Per server: the sd of log tokens/s over its load rounds; per option: the correlation of the "
+                     "two sides' rounds and the sd of their paired log ratio, and the paired rounds a ratio needs for "
+                     "a CI half-width of ±10%, alone and Holm-adjusted over 16 labels; medians over the set.",
+            "columns": ["set", *COLUMNS],
+            "rows": [table_row(name, len(folders), out[name]["summary"]) for name, folders in sets],
+            "summaries": {name: out[name]["summary"] for name, _ in sets}}, indent=1, ensure_ascii=False) + "\n")
     return 0
 
 

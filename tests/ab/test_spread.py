@@ -19,7 +19,8 @@ def test_spread_decomposition_of_a_hand_made_run(tmp_path):
     run = tmp_path / "20260101-000000"
     run.mkdir()
     (run / "results.json").write_text(json.dumps(
-        {"comparisons": {"ln-gelu": {"load": {"per_round_tokens_per_s": {"a": a, "b": b}}}}}))
+        {"comparisons": {"ln-gelu": {"load": {"per_round_tokens_per_s": {"a": a, "b": b},
+                                              "resolution": {"throughput": {"detectable": 0.4}}}}}}))
     out = analyse([run])
     la, lb = np.log(a), np.log(b)
     sa, sb = next(s for s in out["servers"] if s["side"] == "a"), next(s for s in out["servers"] if s["side"] == "b")
@@ -29,6 +30,9 @@ def test_spread_decomposition_of_a_hand_made_run(tmp_path):
     opt = out["options"][0]
     assert opt["corr_ab"] == pytest.approx(np.corrcoef(la, lb)[0, 1])
     assert opt["sd_log_ratio"] == pytest.approx((lb - la).std(ddof=1))
+    summary = out["summary"]  # two servers: the median of their geometric-mean tokens/s is the midpoint
+    assert summary["tok_s_median"] == pytest.approx((np.exp(la.mean()) + np.exp(lb.mean())) / 2)
+    assert summary["detectable_throughput_median"] == 0.4 and summary["servers"] == 2
     # rounds for ±10% at 95%: the smallest n with t(0.975, n-1)·sd/√n <= log 1.1 (sd 0.28 -> 36; t tables:
     # t(0.975, 34) = 2.032, t(0.975, 35) = 2.030)
     from ab_spread import rounds_for
