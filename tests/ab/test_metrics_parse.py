@@ -37,3 +37,14 @@ def test_parse_diff_rates_and_histograms():
     assert after["absmax"][(1, "act_out")] == 8.5
     js = metrics.to_jsonable(d)
     assert js["outliers"]["1/act_out/6.0"] == 6
+
+
+def test_settled_scrape_waits_for_two_equal_pairs(monkeypatch):
+    """Pure logic of the settle rule, with the scrapes replaced by a sequence (the real scrapes: test_ab_run.py and
+    test_positive_control.py). A publisher late by one interval shows as one equal pair, then a jump: not settled."""
+    seq = iter([{"elements": {k: v}, "outliers": {}} for k, v in
+                [("x", 1), ("x", 2), ("x", 2), ("x", 5), ("x", 5), ("x", 5), ("x", 9)]])
+    monkeypatch.setattr(metrics, "scrape", lambda url: url)
+    monkeypatch.setattr(metrics, "parse", lambda text: next(seq))
+    monkeypatch.setattr(metrics.time, "sleep", lambda s: None)
+    assert metrics.settled_scrape("u")["elements"] == {"x": 5}

@@ -95,14 +95,18 @@ def diff(after: dict, before: dict) -> dict:
     return d
 
 
-def settled_scrape(url: str, interval: float = 1.2, tries: int = 10) -> dict:
+def settled_scrape(url: str, interval: float = 1.2, tries: int = 10, stable: int = 2) -> dict:
     """Parsed /metrics once the observer's counters stop moving: workers publish every publish_interval_s
-    (default 1 s), so a scrape right after a request can miss its last tokens."""
+    (default 1 s), so a scrape right after a request can miss its last tokens. Settled means ``stable`` scrapes in a
+    row, ``interval`` apart, equal to the one before: one equal pair was not enough once workers were bound to one
+    core (runtime/engine_fork.py), where a publisher thread can wait past an interval for its core."""
     prev = parse(scrape(url))
+    same = 0
     for _ in range(tries):
         time.sleep(interval)
         cur = parse(scrape(url))
-        if cur["elements"] == prev["elements"] and cur["outliers"] == prev["outliers"]:
+        same = same + 1 if cur["elements"] == prev["elements"] and cur["outliers"] == prev["outliers"] else 0
+        if same >= stable:
             return cur
         prev = cur
     return prev

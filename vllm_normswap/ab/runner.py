@@ -181,7 +181,7 @@ class Runner:
     def _quality(self, t: Target, rec: dict) -> None:
         model = rec.get("served_model") or quality.model_info(t.url)["id"]
         rec["served_model"] = model
-        m0 = metrics.settled_scrape(t.url, tries=2)
+        m0 = metrics.settled_scrape(t.url)
         docs = self.documents(t.url, model)
         self.scored[t.name] = quality.score(t.url, model, docs, self.args.top_k)
         rec["quality"] = quality.summarize(self.scored[t.name])
@@ -251,7 +251,7 @@ class Runner:
                                                            slo_tpot_ms=a.slo_tpot_ms) if st else []
             loadgen.to_csv(summary, self.dir / "load" / t.name / "latency.csv")
             rec["load"] = summary
-            m2 = metrics.settled_scrape(t.url, tries=2)
+            m2 = metrics.settled_scrape(t.url, tries=4)
             rec["observer_load"] = metrics.diff(m2, self.last_scrape[t.name])
 
     # ---- shared pieces ----
