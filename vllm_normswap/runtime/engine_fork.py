@@ -67,14 +67,14 @@ def close_inherited_server_sockets() -> int:
 
 
 def _ids(text: str) -> set[int]:
-    """'0,2-3' or '0 2 3' (an OpenMP CPU list) as {0, 2, 3}; ValueError on anything else."""
-    out: set[int] = set()
-    for part in text.replace(",", " ").split():
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    if not out:
+    """'0,2-3' or '0 2 3' (an OpenMP CPU list) as {0, 2, 3}, through vLLM's own parser of such lists; ValueError on
+    anything else."""
+    from vllm.utils.cpu_resource_utils import parse_id_list  # loaded already where a worker forks
+
+    ids = set(parse_id_list(",".join(text.replace(",", " ").split())))
+    if not ids:
         raise ValueError(text)
-    return out
+    return ids
 
 
 def omp_binding(env) -> tuple[set[int] | None, int | None]:
