@@ -371,6 +371,18 @@ void widen_rows_bf16(const Bf16Problem& p, int64_t n0, int64_t n1, uint16_t* dst
   }
 }
 
+// (sum of a, sum of b, sum of c, sum of d): pairwise sums of interleaved lanes, then of the four 128-bit lanes
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a0+a2 b0+b2 a1+a3 b1+b3
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = reinterpret_cast<__m512d>(ab), cdd = reinterpret_cast<__m512d>(cd);
+  const __m512 abcd = _mm512_add_ps(reinterpret_cast<__m512>(_mm512_unpacklo_pd(abd, cdd)),
+                                    reinterpret_cast<__m512>(_mm512_unpackhi_pd(abd, cdd)));  // a b c d per lane
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                 reinterpret_cast<__m256>(_mm512_extracti64x4_epi64(reinterpret_cast<__m512i>(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 // the intrinsic, not asm as at dot16: here GCC keeps the 24 accumulators in registers (with asm it spilled them all)
 inline __m512 dot_bf16(__m512 acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
 
@@ -390,9 +402,19 @@ void tile_bf16(const Bf16Problem& p, const uint16_t* wc, int64_t nw0, int64_t m0
       for (int j = 0; j < NR; ++j) acc[i][j] = dot_bf16(acc[i][j], xv, wv[j]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j)
-      p.out[(m0 + i) * p.N + n0 + j] = c10::BFloat16(_mm512_reduce_add_ps(acc[i][j]) * p.sw[(n0 + j) * p.s_rs]);
+  if constexpr (NR == 4) {
+    // the four sums of a row at once: at K = 2048 four separate reductions cost ~12% of the dot products
+    const __m128 sw = p.s_rs ? _mm_loadu_ps(p.sw + n0) : _mm_set1_ps(p.sw[0]);
+    for (int i = 0; i < MR; ++i) {
+      const __m128 sums = _mm_mul_ps(sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]), sw);
+      const __m128i bf = reinterpret_cast<__m128i>(_mm_cvtneps_pbh(sums));  // round to nearest even, 4 x bf16
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(p.out + (m0 + i) * p.N + n0), bf);
+    }
+  } else {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j)
+        p.out[(m0 + i) * p.N + n0 + j] = c10::BFloat16(_mm512_reduce_add_ps(acc[i][j]) * p.sw[(n0 + j) * p.s_rs]);
+  }
 }
 
 template <int MR>
