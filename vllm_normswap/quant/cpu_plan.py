@@ -14,13 +14,24 @@ that a busy neighbour slows all of them alike; per candidate the median. The inc
 it built, else int8pack where it applies) keeps the bucket unless a challenger's median is more than
 INCUMBENT_MARGIN faster: noise does not flip the plan between starts. The plan is cached (plan_cache.py); the
 same cache gives the same plan.
+
+One process times vLLM's bf16 linear at one thread count per shape. Its oneDNN primitives fix their thread count
+when they are created and are cached process-wide by shape and row count, so a shape timed again under another
+count runs at the first count's speed (measured on a 2-core Zen 4: a [6144 x 2048] matmul of 256 rows made at 1
+thread takes 30 ms under 2 threads, 15 ms when made at 2). A server's worker has one thread count; a plan for
+another count (``normswap int8-plan --threads 1,2``, the tests) is measured in a fresh process started at that
+count (``measure_at``), and ``measure`` refuses a second count for a shape it has timed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -126,10 +137,20 @@ def _median_ms(fns: dict[str, Callable[[], object]], keep: tuple[str, ...]) -> d
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
+_REFERENCE_THREADS: dict[tuple[int, int], int] = {}  # (n, k) -> the thread count vLLM's bf16 linear was timed at
+
+
 def measure(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
             paths: tuple[str, ...] | None = None) -> dict[str, list[float]]:
-    """Median ms per bucket of each candidate path and of vLLM's bf16 linear ("vllm_bf16") on this weight."""
+    """Median ms per bucket of each candidate path and of vLLM's bf16 linear ("vllm_bf16") on this weight, with this
+    process's torch thread count: the one count per shape that this process times vLLM's bf16 linear at."""
     n, k = weight.shape
+    threads = torch.get_num_threads()
+    first = _REFERENCE_THREADS.setdefault((n, k), threads)
+    if first != threads:
+        raise RuntimeError(f"int8 plan: vLLM's bf16 linear for [{n} x {k}] was timed at {first} thread(s) in this "
+                           f"process, and its oneDNN primitives keep that count; measure {threads} thread(s) in a "
+                           f"fresh process (cpu_plan.measure_at, or normswap int8-plan --threads {threads})")
     paths = paths or candidates(k, scale.shape[1], dtype)
     kernels = {"cpp": cpp_kernel.int8_mm, "dequant": dequant_mm, "int8pack": int8pack_mm}
     reference = _vllm_bf16_linear(torch.cat([dequantize(weight[i:i + 4096], scale[i:i + 4096], dtype)
@@ -154,6 +175,34 @@ def choose(ms: dict[str, list[float]], paths: tuple[str, ...]) -> tuple[str, ...
     return tuple(chosen)
 
 
+def random_weight(n: int, k: int, groups: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random int8 weight and scale of the shape: what a plan is measured on without the layer's own
+    (timings do not depend on the values)."""
+    gen = torch.Generator().manual_seed(n + k)
+    weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(n, groups, generator=gen) * 1e-3 + 1e-4).to(dtype)
+    return weight, scale
+
+
+def measure_at(threads: int, shapes: list[tuple[int, int, int]], dtype: torch.dtype,
+               paths: list[tuple[str, ...] | None] | None = None, rounds: int = 1) -> list:
+    """``measure`` for each (n, k, groups) on a random weight, with ``threads`` torch threads: in this process
+    where that is its thread count, else in one fresh process started at that count (see the module docstring).
+    With rounds > 1, per shape a list of that many independent measurements (a choice and its check)."""
+    paths = paths or [None] * len(shapes)
+    if threads == torch.get_num_threads():
+        return _measure_all({"shapes": shapes, "dtype": dtype, "paths": paths, "rounds": rounds})
+    spec = {"threads": threads, "shapes": shapes, "dtype": str(dtype).removeprefix("torch."), "paths": paths,
+            "rounds": rounds}
+    done = subprocess.run([sys.executable, "-m", __name__, json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode != 0:
+        raise RuntimeError(f"int8 plan: measuring at {threads} thread(s) in a fresh process failed "
+                           f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.split(_MARK)[-1])
+
+
+_MARK = "normswap int8 plan timings: "  # before the child's JSON (vLLM may log to stdout as well)
 _PLANS: dict[tuple, Plan] = {}  # (n, k, groups, dtype, threads) -> this process's plan
 
 
@@ -173,26 +222,59 @@ def plan_for(n: int, k: int, groups: int, dtype: torch.dtype, threads: int, weig
     plan = None if remeasure else _PLANS.get((n, k, groups, dtype, threads))
     if plan is not None:  # the per-call path: one dict lookup
         return plan
+    if weight is None or threads != torch.get_num_threads():
+        return plans_for([(n, k, groups)], dtype, threads, remeasure)[0]
     plan = None if remeasure else cached_plan(n, k, groups, dtype, threads)
-    if plan is None:
-        if weight is None:
-            gen = torch.Generator().manual_seed(n + k)
-            weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-            scale = (torch.rand(n, groups, generator=gen) * 1e-3 + 1e-4).to(dtype)
+    if plan is None:  # a server's worker: its own thread count, the layer's own weight
         paths = candidates(k, groups, dtype)
-        before = torch.get_num_threads()
-        if threads == before:  # vLLM's CPU worker replaces torch.set_num_threads by a warning after binding
-            ms = measure(weight, scale, dtype, paths)
-        else:
-            torch.set_num_threads(threads)
-            try:
-                ms = measure(weight, scale, dtype, paths)
-            finally:
-                torch.set_num_threads(before)
-        plan = Plan(n, k, groups, str(dtype).removeprefix("torch."), threads, choose(ms, paths),
-                    {name: [round(v, 4) for v in ms[name]] for name in ms}, "measured")
-        plan_cache.save(plan_cache.entry_key(n, k, groups, dtype, threads),
-                        {"kernels": list(plan.kernels), "ms": plan.ms}, PATHS, len(BUCKETS))
-    plugin_logger(__name__).info("normswap_int8 kernel plan %s", plan.summary())
-    _PLANS[(n, k, groups, dtype, threads)] = plan
+        plan = _measured(n, k, groups, dtype, threads, measure(weight, scale, dtype, paths), paths)
+    return _keep(plan)
+
+
+def plans_for(shapes: list[tuple[int, int, int]], dtype: torch.dtype, threads: int,
+              remeasure: bool = False) -> list[Plan]:
+    """``plan_for`` of each (n, k, groups) on random weights; the shapes to measure are measured together (at
+    another thread count than this process's: in one fresh process)."""
+    plans = [None if remeasure else _PLANS.get((n, k, g, dtype, threads)) or cached_plan(n, k, g, dtype, threads)
+             for n, k, g in shapes]
+    todo = [i for i, plan in enumerate(plans) if plan is None]
+    paths = [candidates(shapes[i][1], shapes[i][2], dtype) for i in todo]
+    for i, p, ms in zip(todo, paths, measure_at(threads, [shapes[i] for i in todo], dtype, paths) if todo else []):
+        plans[i] = _measured(*shapes[i], dtype, threads, ms, p)
+    return [_keep(plan) for plan in plans]
+
+
+def _measured(n: int, k: int, groups: int, dtype: torch.dtype, threads: int, ms: dict, paths: tuple) -> Plan:
+    """The plan chosen on these timings, written to the cache."""
+    plan = Plan(n, k, groups, str(dtype).removeprefix("torch."), threads, choose(ms, paths),
+                {name: [round(v, 4) for v in ms[name]] for name in ms}, "measured")
+    plan_cache.save(plan_cache.entry_key(n, k, groups, dtype, threads),
+                    {"kernels": list(plan.kernels), "ms": plan.ms}, PATHS, len(BUCKETS))
     return plan
+
+
+def _keep(plan: Plan) -> Plan:
+    """Logged as one INFO line and kept in this process's memory."""
+    plugin_logger(__name__).info("normswap_int8 kernel plan %s", plan.summary())
+    _PLANS[(plan.n, plan.k, plan.groups, getattr(torch, plan.dtype), plan.threads)] = plan
+    return plan
+
+
+def _measure_all(spec: dict) -> list:
+    dtype = spec["dtype"] if isinstance(spec["dtype"], torch.dtype) else getattr(torch, spec["dtype"])
+    out = []
+    for (n, k, g), p in zip(spec["shapes"], spec["paths"]):
+        weight, scale = random_weight(n, k, g, dtype)
+        runs = [measure(weight, scale, dtype, tuple(p) if p else None) for _ in range(spec["rounds"])]
+        out.append(runs[0] if spec["rounds"] == 1 else runs)
+    return out
+
+
+def _child(spec: dict) -> list:
+    """``measure_at``'s fresh process: the thread count first, before any oneDNN primitive exists."""
+    torch.set_num_threads(spec["threads"])
+    return _measure_all(spec)
+
+
+if __name__ == "__main__":
+    print(_MARK + json.dumps(_child(json.loads(sys.argv[1]))))

@@ -99,13 +99,13 @@ def run(args) -> int:
     if cpu_dispatch.forced() is not None:
         print(f"note: {cpu_dispatch.ENV}={cpu_dispatch.forced()} forces that path in servers; the plan below is "
               f"what auto would run")
+    for name, (n, k) in shapes.items():
+        if group and k % group:
+            raise SystemExit(f"--group-size {group} does not divide the input size {k} of {name}")
+    specs = [(n, k, k // group if group else 1) for n, k in shapes.values()]
     rows = []
-    for t in threads:
-        for name, (n, k) in shapes.items():
-            if group and k % group:
-                raise SystemExit(f"--group-size {group} does not divide the input size {k} of {name}")
-            rows.append((name, cpu_plan.plan_for(n, k, k // group if group else 1, dtype, t,
-                                                 remeasure=args.remeasure)))
+    for t in threads:  # a count other than this process's is measured in a fresh process (cpu_plan.measure_at)
+        rows += zip(shapes, cpu_plan.plans_for(specs, dtype, t, remeasure=args.remeasure))
     print(table(rows))
     print()
     print(json.dumps({"buckets": list(cpu_plan.BUCKETS), "rows_timed": list(cpu_plan.ROWS),
