@@ -199,19 +199,21 @@ def test_int8_plan_command_prints_a_table_and_json(capsys, monkeypatch):
         assert plan[0]["buckets"]["1"] in ("cpp", "dequant")
 
 
-def test_a_second_thread_count_for_a_timed_shape_is_refused_in_process():
+def test_a_second_thread_count_for_a_timed_shape_goes_to_a_fresh_process():
     """vLLM's oneDNN primitives keep the thread count they were created with: after a shape is timed at one count,
-    timing it at another in the same process would report the first count's speed; measure() refuses, naming the
-    fix, and measure_at() takes the other count to a fresh process, whose timings come back whole."""
+    timing it at another in the same process would report the first count's speed. measure() refuses, naming the
+    fix; measure_at() (and so plan_for) takes that count to a fresh process, even when it is now this process's
+    own, and the timings come back whole."""
     other = 1 if OWN != 1 else 2
     weight, scale = cpu_plan.random_weight(96, 160, 1, torch.bfloat16)
     cpu_plan.measure(weight, scale, torch.bfloat16)
     torch.set_num_threads(other)
     try:
+        assert not cpu_plan.in_process(96, 160, other)
         with pytest.raises(RuntimeError, match=rf"timed at {OWN} thread.*normswap int8-plan --threads {other}"):
             cpu_plan.measure(weight, scale, torch.bfloat16)
+        [ms] = cpu_plan.measure_at(other, [(96, 160, 1)], torch.bfloat16)
     finally:
         torch.set_num_threads(OWN)
-    [ms] = cpu_plan.measure_at(other, [(96, 160, 1)], torch.bfloat16)
     assert set(ms) == {*cpu_plan.candidates(160, 1, torch.bfloat16), "vllm_bf16"}
     assert all(len(v) == len(cpu_plan.BUCKETS) and min(v) > 0 for v in ms.values())

@@ -19,8 +19,9 @@ One process times vLLM's bf16 linear at one thread count per shape. Its oneDNN p
 when they are created and are cached process-wide by shape and row count, so a shape timed again under another
 count runs at the first count's speed (measured on a 2-core Zen 4: a [6144 x 2048] matmul of 256 rows made at 1
 thread takes 30 ms under 2 threads, 15 ms when made at 2). A server's worker has one thread count; a plan for
-another count (``normswap int8-plan --threads 1,2``, the tests) is measured in a fresh process started at that
-count (``measure_at``), and ``measure`` refuses a second count for a shape it has timed.
+another count (``normswap int8-plan --threads 1,2``, the tests), or for a shape this process timed at another
+count (an in-process vLLM engine after a test at the default count), is measured in a fresh process started at
+that count (``measure_at``); ``measure`` itself refuses a second count for a shape it has timed.
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ def _median_ms(fns: dict[str, Callable[[], object]], keep: tuple[str, ...]) -> d
 _REFERENCE_THREADS: dict[tuple[int, int], int] = {}  # (n, k) -> the thread count vLLM's bf16 linear was timed at
 
 
+def in_process(n: int, k: int, threads: int) -> bool:
+    """Whether this process can time [n x k] at ``threads``: its own count, and the shape not timed at another."""
+    return threads == torch.get_num_threads() and _REFERENCE_THREADS.get((n, k), threads) == threads
+
+
 def measure(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
             paths: tuple[str, ...] | None = None) -> dict[str, list[float]]:
     """Median ms per bucket of each candidate path and of vLLM's bf16 linear ("vllm_bf16") on this weight, with this
@@ -190,7 +196,7 @@ def measure_at(threads: int, shapes: list[tuple[int, int, int]], dtype: torch.dt
     where that is its thread count, else in one fresh process started at that count (see the module docstring).
     With rounds > 1, per shape a list of that many independent measurements (a choice and its check)."""
     paths = paths or [None] * len(shapes)
-    if threads == torch.get_num_threads():
+    if all(in_process(n, k, threads) for n, k, _ in shapes):
         return _measure_all({"shapes": shapes, "dtype": dtype, "paths": paths, "rounds": rounds})
     spec = {"threads": threads, "shapes": shapes, "dtype": str(dtype).removeprefix("torch."), "paths": paths,
             "rounds": rounds}
@@ -222,7 +228,7 @@ def plan_for(n: int, k: int, groups: int, dtype: torch.dtype, threads: int, weig
     plan = None if remeasure else _PLANS.get((n, k, groups, dtype, threads))
     if plan is not None:  # the per-call path: one dict lookup
         return plan
-    if weight is None or threads != torch.get_num_threads():
+    if weight is None or not in_process(n, k, threads):
         return plans_for([(n, k, groups)], dtype, threads, remeasure)[0]
     plan = None if remeasure else cached_plan(n, k, groups, dtype, threads)
     if plan is None:  # a server's worker: its own thread count, the layer's own weight
