@@ -40,42 +40,24 @@ SOURCE = r"""
 
 #define REP12(X) X(a0) X(a1) X(a2) X(a3) X(a4) X(a5) X(a6) X(a7) X(a8) X(a9) X(a10) X(a11)
 
-__attribute__((target("avx512f,avx512bf16"))) long run_bf16(long n) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
-         a9 = a0, a10 = a0, a11 = a0;
-  __m512i x = _mm512_set1_epi16(1), y = _mm512_set1_epi16(2);
-#define OP(a) asm volatile("vdpbf16ps %1, %2, %0" : "+v"(a) : "v"(x), "v"(y));
-  for (long i = 0; i < n; ++i) { REP12(OP) }
-#undef OP
-  return n * 12 * 32;
-}
-__attribute__((target("avx512f,avx512vnni"))) long run_vnni(long n) {
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
-          a9 = a0, a10 = a0, a11 = a0;
-  __m512i x = _mm512_set1_epi16(1), y = _mm512_set1_epi16(2);
-#define OP(a) asm volatile("vpdpwssd %1, %2, %0" : "+v"(a) : "v"(x), "v"(y));
-  for (long i = 0; i < n; ++i) { REP12(OP) }
-#undef OP
-  return n * 12 * 32;
-}
-__attribute__((target("avx512f"))) long run_fma512(long n) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
-         a9 = a0, a10 = a0, a11 = a0;
-  __m512 x = _mm512_set1_ps(1.0f), y = _mm512_set1_ps(0.0f);
-#define OP(a) asm volatile("vfmadd231ps %1, %2, %0" : "+v"(a) : "v"(x), "v"(y));
-  for (long i = 0; i < n; ++i) { REP12(OP) }
-#undef OP
-  return n * 12 * 16;
-}
-__attribute__((target("avx2,fma"))) long run_fma256(long n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
-         a9 = a0, a10 = a0, a11 = a0;
-  __m256 x = _mm256_set1_ps(1.0f), y = _mm256_set1_ps(0.0f);
-#define OP(a) asm volatile("vfmadd231ps %1, %2, %0" : "+x"(a) : "x"(x), "x"(y));
-  for (long i = 0; i < n; ++i) { REP12(OP) }
-#undef OP
-  return n * 12 * 8;
-}
+// One function per instruction (OP_<name>): 12 independent accumulators, each takes the instruction n times;
+// returns the multiply-adds done (MACS per instruction).
+#define RUN(NAME, TARGET, ACC, ZERO, SRC, SET, MACS)                                              \
+  __attribute__((target(TARGET))) long NAME(long n) {                                                        \
+    ACC a0 = ZERO(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, \
+        a11 = a0;                                                                                             \
+    SRC x = SET(1), y = SET(2);                                                                               \
+    for (long i = 0; i < n; ++i) { REP12(OP_##NAME) }                                                         \
+    return n * 12 * MACS;                                                                                     \
+  }
+#define OP_run_bf16(a) asm volatile("vdpbf16ps %1, %2, %0" : "+v"(a) : "v"(x), "v"(y));
+#define OP_run_vnni(a) asm volatile("vpdpwssd %1, %2, %0" : "+v"(a) : "v"(x), "v"(y));
+#define OP_run_fma512(a) asm volatile("vfmadd231ps %1, %2, %0" : "+v"(a) : "v"(x), "v"(y));
+#define OP_run_fma256(a) asm volatile("vfmadd231ps %1, %2, %0" : "+x"(a) : "x"(x), "x"(y));
+RUN(run_bf16, "avx512f,avx512bf16", __m512, _mm512_setzero_ps, __m512i, _mm512_set1_epi16, 32)
+RUN(run_vnni, "avx512f,avx512vnni", __m512i, _mm512_setzero_si512, __m512i, _mm512_set1_epi16, 32)
+RUN(run_fma512, "avx512f", __m512, _mm512_setzero_ps, __m512, _mm512_set1_ps, 16)
+RUN(run_fma256, "avx2,fma", __m256, _mm256_setzero_ps, __m256, _mm256_set1_ps, 8)
 
 // argv: instruction, seconds, cpu ids...; prints GFLOP/s of all threads together
 int main(int argc, char** argv) {
