@@ -10,6 +10,10 @@ Tolerance, per output element (float64 reference y = x @ W_hat^T, W_hat = q * sc
 - the output rounding: half an ulp of the output dtype, bounded by 2^-8 |y| (bf16), 2^-11 |y| (fp16), 2^-23 |y|
   (fp32).
 
+The byte-plane loop of the VNNI paths (per-channel scales, K a multiple of 64, U8_MIN_ROWS rows and more) quantizes
+per row instead of per block: the same bound with the block as long as the row; its integer sums and their int64
+combination are exact, the scaling is in float64.
+
 The avx512bf16 path's bf16 dot products (bf16 activations, per-channel scales, BF16_MIN_ROWS rows and more) have
 no activation quantization at all: the int8 weight is exact in bf16, the bf16 activation is used as it comes, each
 product is exact in fp32; what remains is the fp32 accumulation of K products, one rounding each (at most
@@ -54,9 +58,16 @@ def uses_bf16_dots(x, scale, isa, bf16_rows) -> bool:
             and x.shape[0] >= bf16_rows)
 
 
-def check(x, q, scale, isa, block=BLOCK, bf16_rows=None):
+def uses_byte_planes(x, scale, isa, bf16_rows, u8_rows) -> bool:
+    k = x.shape[1]
+    return (isa in ("avx512vnni", "avx512bf16") and scale.shape[1] == 1 and k % 64 == 0 and 64 <= k <= 65536
+            and x.shape[0] >= u8_rows and not uses_bf16_dots(x, scale, isa, bf16_rows))
+
+
+def check(x, q, scale, isa, block=BLOCK, bf16_rows=None, u8_rows=None):
     bf16_rows = ext.BF16_MIN_ROWS if bf16_rows is None else bf16_rows
-    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index(isa), block, bf16_rows)
+    u8_rows = ext.U8_MIN_ROWS if u8_rows is None else u8_rows
+    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index(isa), block, bf16_rows, u8_rows)
     w_hat = dequantize(q, scale.expand(q.shape[0], scale.shape[1]), torch.float64)
     want = x.double() @ w_hat.t()
     assert got.dtype == x.dtype and got.shape == want.shape
@@ -64,6 +75,8 @@ def check(x, q, scale, isa, block=BLOCK, bf16_rows=None):
     err = (got.double() - want).abs()
     if uses_bf16_dots(x, scale, isa, bf16_rows):
         lim = bound_bf16_dots(x, w_hat, want) + 1e-30
+    elif uses_byte_planes(x, scale, isa, bf16_rows, u8_rows):
+        lim = bound(x, w_hat, x.shape[1], want, x.dtype)
     else:
         lim = bound(x, w_hat, gs if scale.shape[1] > 1 else block, want, x.dtype)
     assert bool((err <= lim).all()), (isa, tuple(x.shape), tuple(q.shape), float((err / lim).max()))
@@ -113,7 +126,8 @@ def test_per_tensor_scale_shared_and_expanded(isa):
 @pytest.mark.parametrize("isa", ISAS)
 def test_zero_and_outlier_rows(isa):
     """A zero row gives exact zeros; a row with one huge activation keeps the small ones' precision in the other
-    blocks (the bound is per block); a non-finite activation gives NaN, not garbage."""
+    blocks (the int16 loop's bound is per block; the byte planes' per row); a non-finite activation gives NaN, not
+    garbage."""
     q, scale = weights(64, 1024, "channel", 7)
     x = torch.randn(6, 1024).to(torch.bfloat16)
     x[0] = 0
@@ -162,6 +176,47 @@ def test_vnni_and_plain_avx512_agree_bitwise():
         q, scale = weights(257, 2050 if gran == "channel" else 2048, gran, 5, 128)
         x = torch.randn(9, q.shape[1]).to(torch.bfloat16)
         assert torch.equal(ext.int8_mm(x, q, scale, 3), ext.int8_mm(x, q, scale, 2))
+
+
+VNNI_ONLY = pytest.mark.skipif("avx512vnni" not in ISAS, reason="no AVX512-VNNI here")
+
+
+@VNNI_ONLY
+@pytest.mark.parametrize("threads", [1, 2])
+def test_byte_planes_at_every_row_count_and_odd_shapes(threads):
+    """The byte-plane loop forced from one row on (u8_rows=1): odd M (register-tile and thread-split tails), odd N
+    (the weight-stream layout's and the tile's tails), K from one 64-step up, bf16/fp32/fp16 activations, per-channel
+    and per-tensor scales, on 1 and 2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i, (m, n, k) in enumerate([(1, 3, 64), (2, 257, 192), (3, 17, 1024), (5, 1031, 128), (7, 5, 2048),
+                                       (13, 66, 64), (40, 129, 320), (130, 9, 512)]):
+            for gran, dtype in (("channel", torch.bfloat16), ("tensor", torch.bfloat16),
+                                ("channel", torch.float32), ("channel", torch.float16)):
+                q, scale = weights(n, k, gran, i)
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(300 + i)).to(dtype)
+                assert uses_byte_planes(x, scale, "avx512vnni", 10 ** 9, 1)
+                check(x, q, scale if dtype != torch.float16 else scale.half(), "avx512vnni", bf16_rows=10 ** 9,
+                      u8_rows=1)
+    finally:
+        torch.set_num_threads(before)
+
+
+@VNNI_ONLY
+def test_byte_planes_run_only_where_they_apply():
+    """Below U8_MIN_ROWS rows, for K not a multiple of 64 and for per-group scales the VNNI path runs the int16 loop,
+    which gives the same bits as the AVX-512BW path; where the byte planes apply it does not (another rounding of
+    the activations: per row, not per block of 256)."""
+    rows = ext.U8_MIN_ROWS
+    q, scale = weights(257, 520, "channel", 9)
+    q2, scale2 = weights(257, 512, "channel", 9)
+    qg, scale_g = weights(257, 512, "group", 9, 128)
+    for x, w, s in [(torch.randn(rows - 1, 512), q2, scale2), (torch.randn(rows, 520), q, scale),
+                    (torch.randn(rows, 512), qg, scale_g)]:
+        assert torch.equal(ext.int8_mm(x, w, s, 3), ext.int8_mm(x, w, s, 2))
+    x = torch.randn(rows, 512)
+    assert not torch.equal(ext.int8_mm(x, q2, scale2, 3), ext.int8_mm(x, q2, scale2, 2))
 
 
 BF16_ONLY = pytest.mark.skipif("avx512bf16" not in ISAS, reason="no AVX512-BF16 here")

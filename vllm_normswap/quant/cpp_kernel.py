@@ -127,14 +127,16 @@ def default_isa() -> int:
 
 
 def int8_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: int | None = None,
-            block: int = 256, bf16_rows: int | None = None) -> torch.Tensor:
+            block: int = 256, bf16_rows: int | None = None, u8_rows: int | None = None) -> torch.Tensor:
     """x2 [M, K] (bf16/fp16/fp32) @ int8 weight [N, K] with scale [N, 1], [N, K/G] or [1, G] -> [M, N] in x2's
     dtype. ``isa``: an ISAS index (default ``default_isa()``); ``block``: the activation quantization block along
     K for per-channel scales (per group: the group size); ``bf16_rows``: on the avx512bf16 path, the row count
-    from which bf16 activations take the bf16 dot products (default: the extension's BF16_MIN_ROWS)."""
+    from which bf16 activations take the bf16 dot products (default: the extension's BF16_MIN_ROWS); ``u8_rows``:
+    on the VNNI paths, the row count from which the byte-plane loop runs (default: U8_MIN_ROWS)."""
     ext = loaded()
     return ext.int8_mm(x2, weight, scale, default_isa() if isa is None else isa, block,
-                       ext.BF16_MIN_ROWS if bf16_rows is None else bf16_rows)
+                       ext.BF16_MIN_ROWS if bf16_rows is None else bf16_rows,
+                       ext.U8_MIN_ROWS if u8_rows is None else u8_rows)
 
 
 def available_isas() -> tuple[str, ...]:

@@ -1,6 +1,6 @@
 // CPU int8 weight-only matmul: y[M, N] = x[M, K] @ (q[N, K] * scale)^T, with integer dot products.
 //
-// The activations are quantized per (row, block of K) to int16 (symmetric, sx = max|x| / 32767, xq = round(x /
+// The int16 loop: the activations are quantized per (row, block of K) to int16 (symmetric, sx = max|x| / 32767, xq = round(x /
 // sx)): the error per element is at most blockmax / 65534, below bf16's own rounding of x for typical rows. The
 // int8 weight is widened to int16 in registers and multiplied pairwise into int32 lanes (AVX512-VNNI vpdpwssd,
 // else vpmaddwd + vpaddd); integer sums are exact, so every ISA path with the same lane count gives bitwise the
@@ -27,10 +27,14 @@
 //
 // ISA: each path is compiled for its own target (GCC target pragmas) and picked at run time (best_isa(), or
 // forced by the caller), so one .so runs on AVX2-only, AVX-512, AVX-512 VNNI and AVX512-BF16 CPUs; a plain C++
-// path covers the rest. No -march=native: the build machine need not be the one that runs it. The avx512bf16 path
-// is the VNNI one plus, for bf16 activations from BF16_MIN_ROWS rows on and per-channel scales, a second inner
-// loop without any activation quantization: bf16 dot products (vdpbf16ps) on the weight widened to bf16 (see
-// "AVX512-BF16" below).
+// path covers the rest. No -march=native: the build machine need not be the one that runs it.
+//
+// Inner loops, by ISA path and rows M (per-channel or per-tensor scales; per-group scales always take the first):
+//   int16 loop (above)         every path; on the VNNI paths below U8_MIN_ROWS rows, or K not a multiple of 64
+//   byte planes (AVX512-VNNI)  avx512vnni from U8_MIN_ROWS rows; avx512bf16 from U8_MIN_ROWS to BF16_MIN_ROWS - 1
+//   bf16 dots (AVX512-BF16)    avx512bf16, bf16 activations, from BF16_MIN_ROWS rows
+// Decode (weights streamed once, the reads bound it), small batches (multiply-adds per byte start to count) and
+// prefill (compute bound) want different loops; each section's header says why and what was measured.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -51,7 +55,7 @@
 
 namespace {
 
-// ISA_AVX512BF16: the VNNI integer path, and bf16 dot products from BF16_MIN_ROWS bf16 rows on (see there)
+// ISA_AVX512BF16: the VNNI path, and bf16 dot products from BF16_MIN_ROWS bf16 rows on (see there)
 enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512BW = 2, ISA_AVX512VNNI = 3, ISA_AVX512BF16 = 4 };
 const char* const ISA_NAMES[] = {"scalar", "avx2", "avx512bw", "avx512vnni", "avx512bf16"};
 constexpr int ISA_MAX = 4;
@@ -79,14 +83,15 @@ struct Problem {
   int out_kind;
 };
 
-inline void store_out(const Problem& p, int64_t m, int64_t n, float v) {
-  const int64_t i = m * p.N + n;
-  switch (p.out_kind) {
-    case OUT_BF16: static_cast<c10::BFloat16*>(p.out)[i] = c10::BFloat16(v); break;  // round to nearest even
-    case OUT_F16: static_cast<c10::Half*>(p.out)[i] = c10::Half(v); break;
-    default: static_cast<float*>(p.out)[i] = v;
+inline void store_val(void* out, int kind, int64_t i, float v) {
+  switch (kind) {
+    case OUT_BF16: static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(v); break;  // round to nearest even
+    case OUT_F16: static_cast<c10::Half*>(out)[i] = c10::Half(v); break;
+    default: static_cast<float*>(out)[i] = v;
   }
 }
+
+inline void store_out(const Problem& p, int64_t m, int64_t n, float v) { store_val(p.out, p.out_kind, m * p.N + n, v); }
 
 // The combined scale of block b for (m, n): per channel only sx (the row scale comes at the end), per group
 // sx * the group's weight scale.
@@ -314,6 +319,192 @@ void tile_range_512(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_
 
 #pragma GCC pop_options
 
+// ---- AVX512-VNNI: 16-bit activations as two uint8 planes, for small batches ------------------------------------
+//
+// vpdpbusd multiplies unsigned bytes by signed bytes, 64 pairs per instruction into int32 lanes. The int8 weight
+// goes in as it is (no widening, which is what the int16 loop above spends most of its non-dot instructions on);
+// the activations are quantized per row to 16 bits and split into two byte planes:
+//   x_q = round(x * 32767 / max|x_row|)  in [-32767, 32767],   x_u = x_q + 32768 = 256 hi + lo   (hi, lo bytes)
+//   sum_k x_q w = 256 H + L - 32768 S,   H = sum_k hi w,   L = sum_k lo w,   S = sum_k w
+// H and L are exact int32 sums (|H| <= 255 * 128 * K < 2^31 for K <= U8_MAX_K), S is summed per call for the
+// chunk's weight rows (one more vpdpbusd per 64 weights; precomputing it at load measured no faster), and the
+// combination is exact in int64; y = dot * (max|x_row| / 32767) * scale[n] in double, rounded once to the output.
+// Two vpdpbusd per 64 weights and row: the same multiply-add rate as vpdpwssd, with no widening and no per-block
+// conversion. Precision: per row, each x is off by at most max|x_row| / 65534. Against the int8 weight's own
+// rounding (up to max|w_row| / 254 per weight) that is small even for rows with outliers (docs/int8-kernels.md).
+// Per-channel (or per-tensor) scales only, K a multiple of 64: the k loop has no tail, no mask and no branch (with
+// any of them GCC stored all 24 accumulators every step, 3x slower). Other shapes take the int16 loop.
+//
+// Register tile: U8_MR activation rows x U8_NR weight rows x 2 planes = 24 accumulators + 4 weight vectors + 1
+// activation vector (3 x 4 measured best; 2 x 4 close; 4 x 3, 4 x 4, 2 x 6 slower). A chunk of weight rows
+// (U8_CHUNK_BYTES) stays in L2 while every row tile passes over it.
+// Rows: from U8_MIN_ROWS up to the bf16 loop's start on AVX512-BF16 CPUs (bf16_rows), with no upper end on VNNI
+// CPUs without BF16. Below 5 rows the weight reads bound the matmul and the int16 loop, with its wider tiles of
+// one and two rows (more weight streams), read them faster. Both bounds are the plan's bucket edges
+// (quant/cpu_plan.py: 1 | 2-4 | 5-16 | 17-64 | 65+), so that each bucket the plan times runs one inner loop.
+// Measured on a 2-core Zen 4 EPYC (docs/int8-kernels.md): against the int16 loop level at 4-6 rows, ahead from 8
+// rows (by 1.05-1.3x) and most at 16 (1.2-1.4x); against the bf16 loop ahead at 32, level at 64, behind from 128.
+
+constexpr int64_t U8_MIN_ROWS = 5;
+constexpr int64_t U8_MAX_K = 65536;
+constexpr int U8_MR = 3, U8_NR = 4;
+constexpr int64_t U8_CHUNK_BYTES = 512 << 10;
+constexpr int64_t U8_ROW_PAD = 64;  // plane rows K + 64 apart: at K a multiple of 4096 the six plane streams of a
+                                    // tile would otherwise share one L1 set (as BF_ROW_PAD below)
+
+struct U8Problem {
+  int64_t M, N, K;      // K % 64 == 0
+  int64_t rs;           // row stride of the planes: K + U8_ROW_PAD
+  const uint8_t* hi;    // [M][rs]
+  const uint8_t* lo;    // [M][rs]
+  const double* sx;     // [M]: max|x_row| / 32767 (NaN for a row with inf or NaN)
+  const int8_t* w;      // [N][K]
+  const float* sw;      // [N or 1][1]
+  int64_t s_rs;         // scale row stride (0: one scale for every row)
+  void* out;            // [M][N]
+  int out_kind;
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")
+
+// vpdpbusd through asm on float-typed registers: with __m512i accumulators (intrinsic or asm) GCC copied or spilled
+// the tile's 24 accumulators every step; float-typed ones it keeps in place.
+inline __m512 busd(__m512 acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+
+inline __m512i as_i(__m512 v) { return _mm512_castps_si512(v); }
+
+// (sum of a, of b, of c, of d) in int32: pairwise sums of interleaved lanes, then of the four 128-bit lanes
+inline __m128i sum4i(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// S = sum_k w[n, k] for the rows [n0, n1), as vpdpbusd(1, w)
+void weight_sums_u8(const U8Problem& p, int64_t n0, int64_t n1, int32_t* S) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = p.w + n * p.K;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < p.K; k += 64) acc = busd(acc, ones, _mm512_loadu_si512(wr + k));
+    S[n - n0] = _mm512_reduce_add_epi32(as_i(acc));
+  }
+}
+
+// y[m, n] from H, L, S (see the section's header)
+inline void finish_u8(const U8Problem& p, int64_t m, int64_t n, int32_t H, int32_t L, int32_t S) {
+  const int64_t dot = 256 * int64_t(H) + int64_t(L) - 32768 * int64_t(S);
+  store_val(p.out, p.out_kind, m * p.N + n, float(double(dot) * p.sx[m] * double(p.sw[n * p.s_rs])));
+}
+
+// Activation rows m0.. (MR), weight rows n0, n0 + rs, ..., n0 + (NR - 1) rs; S: the sums, S[0] that of row n0.
+template <int MR, int NR>
+void tile_u8(const U8Problem& p, int64_t m0, int64_t n0, int64_t rs, const int32_t* S) {
+  __m512 h[MR][NR], l[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) h[i][j] = l[i][j] = _mm512_setzero_ps();
+  const int64_t wstride = rs * p.K;
+  const int8_t* wr = p.w + n0 * p.K;
+  const uint8_t* hr = p.hi + m0 * p.rs;
+  const uint8_t* lr = p.lo + m0 * p.rs;
+  for (int64_t k = 0; k < p.K; k += 64) {
+    __m512i wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(wr + j * wstride + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i xh = _mm512_loadu_si512(hr + i * p.rs + k);
+      for (int j = 0; j < NR; ++j) h[i][j] = busd(h[i][j], xh, wv[j]);
+      const __m512i xl = _mm512_loadu_si512(lr + i * p.rs + k);
+      for (int j = 0; j < NR; ++j) l[i][j] = busd(l[i][j], xl, wv[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    if constexpr (NR == 4) {  // the four sums of a plane at once (as sum4 in the bf16 loop)
+      alignas(16) int32_t H[4], L[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(H), sum4i(as_i(h[i][0]), as_i(h[i][1]), as_i(h[i][2]), as_i(h[i][3])));
+      _mm_store_si128(reinterpret_cast<__m128i*>(L), sum4i(as_i(l[i][0]), as_i(l[i][1]), as_i(l[i][2]), as_i(l[i][3])));
+      for (int j = 0; j < 4; ++j) finish_u8(p, m0 + i, n0 + j * rs, H[j], L[j], S[j * rs]);
+    } else {
+      for (int j = 0; j < NR; ++j)
+        finish_u8(p, m0 + i, n0 + j * rs, _mm512_reduce_add_epi32(as_i(h[i][j])),
+                  _mm512_reduce_add_epi32(as_i(l[i][j])), S[j * rs]);
+    }
+  }
+}
+
+template <int MR>
+void rows_u8(const U8Problem& p, int64_t m0, int64_t n0, int64_t n1, const int32_t* S) {
+  int64_t n = n0;
+  if (p.M <= STREAM_MAX_ROWS) {  // NR streams an NR-th of the range apart (prefetcher; as the int16 loop)
+    const int64_t q = (n1 - n0) / U8_NR;
+    for (; n < n0 + q; ++n) tile_u8<MR, U8_NR>(p, m0, n, q, S + (n - n0));
+    n = n0 + q * U8_NR;
+  }
+  for (; n + U8_NR <= n1; n += U8_NR) tile_u8<MR, U8_NR>(p, m0, n, 1, S + (n - n0));
+  switch (n1 - n) {
+    case 3: tile_u8<MR, 3>(p, m0, n, 1, S + (n - n0)); break;
+    case 2: tile_u8<MR, 2>(p, m0, n, 1, S + (n - n0)); break;
+    case 1: tile_u8<MR, 1>(p, m0, n, 1, S + (n - n0)); break;
+    default: break;
+  }
+}
+
+// Rows [m0, m1) x output rows [n0, n1): the weight sums of the chunk, then every row tile over it.
+void chunk_u8(const U8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* S) {
+  weight_sums_u8(p, n0, n1, S);
+  int64_t m = m0;
+  for (; m + U8_MR <= m1; m += U8_MR) rows_u8<U8_MR>(p, m, n0, n1, S);
+  if (m1 - m == 2) rows_u8<2>(p, m, n0, n1, S);
+  else if (m1 - m == 1) rows_u8<1>(p, m, n0, n1, S);
+}
+
+// 16 activations as fp32 (bf16 bits widened, or fp32 as they are)
+inline __m512 load16_u8(const void* x, bool bf16, int64_t i) {
+  if (bf16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i))),
+        16));
+  return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+}
+
+// The planes and row scales of rows [m0, m1) (see the header); a row with inf or NaN gets sx = NaN, so that its
+// outputs are NaN (as a float matmul would make them), not garbage.
+void split_rows_u8(const U8Problem& p, const void* x, bool bf16, uint8_t* hi, uint8_t* lo, double* sx, int64_t m0,
+                   int64_t m1) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t m = m0; m < m1; ++m) {
+    __m512 amax = zero, poison = zero;  // poison: NaN where any x is inf or NaN (max skips NaN)
+    for (int64_t k = 0; k < p.K; k += 16) {
+      const __m512 v = load16_u8(x, bf16, m * p.K + k);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+    }
+    const float a = _mm512_reduce_max_ps(amax);
+    if (_mm512_reduce_add_ps(poison) != 0.0f || !std::isfinite(a)) {
+      sx[m] = std::numeric_limits<double>::quiet_NaN();
+      std::memset(hi + m * p.rs, 0, size_t(p.K));
+      std::memset(lo + m * p.rs, 0, size_t(p.K));
+      continue;
+    }
+    sx[m] = double(a) / 32767.0;
+    const __m512 inv = _mm512_set1_ps(a > 0.0f ? 32767.0f / a : 0.0f);
+    const __m512i lim = _mm512_set1_epi32(32767), off = _mm512_set1_epi32(32768);
+    for (int64_t k = 0; k < p.K; k += 16) {
+      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16_u8(x, bf16, m * p.K + k), inv));  // round half to even
+      q = _mm512_add_epi32(_mm512_max_epi32(_mm512_min_epi32(q, lim), _mm512_set1_epi32(-32767)), off);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + m * p.rs + k), _mm512_cvtepi32_epi8(q));  // low bytes
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + m * p.rs + k), _mm512_cvtepi32_epi8(_mm512_srli_epi32(q, 8)));
+    }
+  }
+}
+
+#pragma GCC pop_options
+
 // ---- AVX512-BF16: bf16 dot products for compute-bound row counts ---------------------------------------------------
 //
 // W8A16 without any activation quantization: the int8 weight rows of a chunk are widened once to bf16 (exact: every
@@ -321,14 +512,15 @@ void tile_range_512(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_
 // passes over it with vdpbf16ps: products are exact in fp32, sums fp32. The widening costs a few instructions per
 // 32 weights once per call, against one vdpbf16ps per 32 weights per activation row: from a handful of rows on it
 // is the cheaper way to feed the dot products, where the integer path widens the weight again for every tile of
-// rows and converts and scales its int32 lanes every block. Below BF16_MIN_ROWS the integer kernel is faster: the
-// widening is paid for fewer rows, and the weight reads dominate.
+// rows and converts and scales its int32 lanes every block. Below BF16_MIN_ROWS the byte-plane loop (above) is
+// faster: the widening is paid for fewer rows, and the weight reads weigh more.
 // Per-channel (or per-tensor) scales only: the scale multiplies the finished dot product. bf16 activations only:
 // fp32/fp16 would have to be rounded to bf16 first.
 
-// Rows from which a bf16 call on an AVX512-BF16 CPU takes this path: on a Zen 4 EPYC the integer kernel won at 8
-// rows (both shapes measured, 1 and 2 threads), the two were level at 16, this one won from 64 on.
-constexpr int64_t BF16_MIN_ROWS = 16;
+// Rows from which a bf16 call on an AVX512-BF16 CPU takes this path: on a Zen 4 EPYC the byte-plane loop (above)
+// was ahead of it at 32 rows, level at 64, behind from 128 (1 and 2 threads, the four 1.0B Llama shapes); 65 is
+// the plan's prefill bucket edge.
+constexpr int64_t BF16_MIN_ROWS = 65;
 constexpr int BF_MR = 6, BF_NR = 4;    // register tile: 24 fp32 accumulators + 4 weight + 1 activation vectors
 constexpr int64_t BF_CHUNK_BYTES = 384 << 10;  // widened weight rows per chunk: in L2 while the row tiles pass
 // Rows of x and of the widened weights lie Kp + BF_ROW_PAD elements apart: with K a multiple of 2048 the tile's 10
@@ -503,7 +695,7 @@ int best_isa() {
 
 void run_range(const Problem& p, int isa, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   switch (isa) {
-    case ISA_AVX512BF16:  // the integer kernel below BF16_MIN_ROWS rows (and for fp32/fp16, per group)
+    case ISA_AVX512BF16:  // the int16 loop wherever neither the byte planes nor the bf16 dot products run
     case ISA_AVX512VNNI:
       if (p.G == 1) tile_range_512<true, false>(p, m0, m1, n0, n1);
       else tile_range_512<true, true>(p, m0, m1, n0, n1);
@@ -559,7 +751,58 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return out;
 }
 
-at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, int64_t block, int64_t bf16_rows) {
+// y = x @ (w * scale)^T through the byte planes (the VNNI paths; per-channel or per-tensor scale, K % 64 == 0).
+at::Tensor u8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int out_kind) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto out = at::empty({M, N}, x.options());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;  // bf16 and fp32 are read as they are; fp16 through fp32
+  at::Tensor xc = bf16 ? x.contiguous() : x.to(at::kFloat).contiguous();
+  at::Tensor wc = w.contiguous();
+  at::Tensor sc = scale.to(at::kFloat).contiguous();
+  U8Problem p{};
+  p.M = M; p.N = N; p.K = K; p.rs = K + U8_ROW_PAD;
+  auto planes = at::empty({2, M, p.rs}, at::TensorOptions().dtype(at::kByte));
+  auto sxt = at::empty({M}, at::TensorOptions().dtype(at::kDouble));
+  uint8_t* hi = planes.data_ptr<uint8_t>();
+  uint8_t* lo = hi + M * p.rs;
+  double* sx = sxt.data_ptr<double>();
+  p.hi = hi; p.lo = lo; p.sx = sx;
+  p.w = static_cast<const int8_t*>(wc.data_ptr());
+  p.sw = static_cast<const float*>(sc.data_ptr());
+  p.s_rs = scale.size(0) == 1 ? 0 : 1;
+  p.out = out.data_ptr();
+  p.out_kind = out_kind;
+  const void* xp = xc.data_ptr();
+  pybind11::gil_scoped_release no_gil;
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
+                   [&](int64_t m0, int64_t m1) { split_rows_u8(p, xp, bf16, hi, lo, sx, m0, m1); });
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // chunk of output rows: a share of N per thread, at most U8_CHUNK_BYTES of weights, a multiple of the tile
+  // (with one row tile, M <= U8_MR, nothing is reused: a plain share per thread)
+  int64_t nc = (N + threads - 1) / threads;
+  if (M > U8_MR) nc = std::min(nc, std::max<int64_t>(U8_NR, U8_CHUNK_BYTES / K));
+  nc = (nc + U8_NR - 1) / U8_NR * U8_NR;
+  const int64_t n_chunks = (N + nc - 1) / nc;
+  // N too small for the threads: split the rows M as well (in multiples of the row tile)
+  int64_t m_chunks = 1;
+  if (n_chunks < threads && M > U8_MR)
+    m_chunks = std::min((threads + n_chunks - 1) / n_chunks, (M + U8_MR - 1) / U8_MR);
+  const int64_t mc = ((M + m_chunks - 1) / m_chunks + U8_MR - 1) / U8_MR * U8_MR;
+  m_chunks = (M + mc - 1) / mc;
+  const int64_t items = n_chunks * m_chunks;
+  const int64_t grain = M * N * K < (int64_t(1) << 18) ? items : 1;  // tiny problems on the calling thread
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<int32_t> S(static_cast<size_t>(nc));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t ni = i / m_chunks, mi = i % m_chunks;
+      chunk_u8(p, mi * mc, std::min(M, (mi + 1) * mc), ni * nc, std::min(N, (ni + 1) * nc), S.data());
+    }
+  });
+  return out;
+}
+
+at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, int64_t block, int64_t bf16_rows,
+                   int64_t u8_rows) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scale.dim() == 2, "int8_mm: x [M, K], w [N, K], scale [N, G]");
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8_mm: the weight must be int8");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "int8_mm: CPU tensors");
@@ -581,6 +824,9 @@ at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, in
   else TORCH_CHECK(false, "int8_mm: activations must be bf16, fp16 or fp32, got ", out_dtype);
   if (isa == ISA_AVX512BF16 && out_kind == OUT_BF16 && G == 1 && M >= std::max<int64_t>(1, bf16_rows) && N > 0)
     return bf16_mm(x, w, scale);
+  if ((isa == ISA_AVX512VNNI || isa == ISA_AVX512BF16) && G == 1 && K >= 64 && K % 64 == 0 && K <= U8_MAX_K &&
+      M >= std::max<int64_t>(1, u8_rows) && N > 0)
+    return u8_mm(x, w, scale, out_kind);
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
 
@@ -648,12 +894,14 @@ std::string isa_name(int64_t isa) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "normswap CPU int8 weight-only matmul (int16 activations x int8 weights, integer dot products)";
+  m.doc() = "normswap CPU int8 weight-only matmul (16-bit activations x int8 weights)";
   m.def("int8_mm", &int8_mm, "y[M, N] = x[M, K] @ (w[N, K] * scale)^T; isa -1 = best this CPU supports",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scale"), pybind11::arg("isa") = -1,
-        pybind11::arg("block") = 256, pybind11::arg("bf16_rows") = BF16_MIN_ROWS);
+        pybind11::arg("block") = 256, pybind11::arg("bf16_rows") = BF16_MIN_ROWS,
+        pybind11::arg("u8_rows") = U8_MIN_ROWS);
   m.def("best_isa", &best_isa,
         "the best ISA path this CPU runs: 0 scalar, 1 avx2, 2 avx512bw, 3 avx512vnni, 4 avx512bf16");
   m.def("isa_name", &isa_name);
   m.attr("BF16_MIN_ROWS") = BF16_MIN_ROWS;
+  m.attr("U8_MIN_ROWS") = U8_MIN_ROWS;
 }
