@@ -6,7 +6,10 @@ units retire, per instruction such a matmul can be built on; prints one JSON obj
 Per instruction this CPU has (checked with __builtin_cpu_supports, so a flag the kernel hides is skipped):
 - fma_fp32: vfmadd231ps on zmm (AVX-512) or ymm (AVX2): what oneDNN's bf16 matmul runs on a CPU without native
   bf16 (activations and weights widened to fp32);
-- vpdpwssd: int16 pairs into int32 (AVX512-VNNI), the instruction of our integer W8A16 loop;
+- vpdpwssd: int16 pairs into int32 (AVX512-VNNI), the instruction of our int16 W8A16 loop;
+- vpdpbusd: uint8 x int8 quads into int32 (AVX512-VNNI), 64 multiply-adds each, the instruction of our byte-plane
+  loop, which needs two of them (high and low byte of the 16-bit activation) per 64 W8A16 multiply-adds: its
+  W8A16 ceiling is half the figure;
 - vdpbf16ps: bf16 pairs into fp32 (AVX512-BF16), what oneDNN's bf16 matmul and our bf16 loop run on here.
 Twelve independent accumulators per thread (more than latency x throughput on every core seen), one thread per
 core, all threads at once, each pinned to its core; GFLOP/s counts a multiply-add as 2. The best of three
@@ -52,10 +55,12 @@ SOURCE = r"""
   }
 #define OP_run_bf16(a) asm volatile("vdpbf16ps %1, %2, %0" : "+v"(a) : "v"(x), "v"(y));
 #define OP_run_vnni(a) asm volatile("vpdpwssd %1, %2, %0" : "+v"(a) : "v"(x), "v"(y));
+#define OP_run_busd(a) asm volatile("vpdpbusd %1, %2, %0" : "+v"(a) : "v"(x), "v"(y));
 #define OP_run_fma512(a) asm volatile("vfmadd231ps %1, %2, %0" : "+v"(a) : "v"(x), "v"(y));
 #define OP_run_fma256(a) asm volatile("vfmadd231ps %1, %2, %0" : "+x"(a) : "x"(x), "x"(y));
 RUN(run_bf16, "avx512f,avx512bf16", __m512, _mm512_setzero_ps, __m512i, _mm512_set1_epi16, 32)
 RUN(run_vnni, "avx512f,avx512vnni", __m512i, _mm512_setzero_si512, __m512i, _mm512_set1_epi16, 32)
+RUN(run_busd, "avx512f,avx512vnni", __m512i, _mm512_setzero_si512, __m512i, _mm512_set1_epi8, 64)
 RUN(run_fma512, "avx512f", __m512, _mm512_setzero_ps, __m512, _mm512_set1_ps, 16)
 RUN(run_fma256, "avx2,fma", __m256, _mm256_setzero_ps, __m256, _mm256_set1_ps, 8)
 
@@ -67,6 +72,7 @@ int main(int argc, char** argv) {
   long (*fn)(long) = nullptr;
   if (!strcmp(op, "vdpbf16ps") && __builtin_cpu_supports("avx512bf16")) fn = run_bf16;
   else if (!strcmp(op, "vpdpwssd") && __builtin_cpu_supports("avx512vnni")) fn = run_vnni;
+  else if (!strcmp(op, "vpdpbusd") && __builtin_cpu_supports("avx512vnni")) fn = run_busd;
   else if (!strcmp(op, "fma_fp32") && __builtin_cpu_supports("avx512f")) fn = run_fma512;
   else if (!strcmp(op, "fma_fp32") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) fn = run_fma256;
   if (!fn) { printf("unsupported\n"); return 0; }
@@ -100,7 +106,7 @@ int main(int argc, char** argv) {
   return 0;
 }
 """
-INSTRUCTIONS = ("fma_fp32", "vpdpwssd", "vdpbf16ps")
+INSTRUCTIONS = ("fma_fp32", "vpdpwssd", "vpdpbusd", "vdpbf16ps")
 
 
 def build(folder: Path) -> Path:
