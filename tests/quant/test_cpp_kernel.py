@@ -185,13 +185,14 @@ VNNI_ONLY = pytest.mark.skipif("avx512vnni" not in ISAS, reason="no AVX512-VNNI 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_byte_planes_at_every_row_count_and_odd_shapes(threads):
     """The byte-plane loop forced from one row on (u8_rows=1): odd M (register-tile and thread-split tails), odd N
-    (the weight-stream layout's and the tile's tails), K from one 64-step up, bf16/fp32/fp16 activations, per-channel
-    and per-tensor scales, on 1 and 2 threads."""
+    (the weight-stream layout's and the tile's tails), K from one 64-step up, several weight chunks per thread
+    (1031 x 2048: the next chunk prefetched), bf16/fp32/fp16 activations, per-channel and per-tensor scales, on 1
+    and 2 threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for i, (m, n, k) in enumerate([(1, 3, 64), (2, 257, 192), (3, 17, 1024), (5, 1031, 128), (7, 5, 2048),
-                                       (13, 66, 64), (40, 129, 320), (130, 9, 512)]):
+                                       (13, 66, 64), (40, 129, 320), (130, 9, 512), (9, 1031, 2048)]):
             for gran, dtype in (("channel", torch.bfloat16), ("tensor", torch.bfloat16),
                                 ("channel", torch.float32), ("channel", torch.float16)):
                 q, scale = weights(n, k, gran, i)
