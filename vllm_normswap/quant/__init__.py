@@ -3,7 +3,7 @@
 primitives.py     torch-only int8 math (quantize per channel / group / tensor, dequantize, SQNR, int32 packing)
 config.py         the vLLM QuantizationConfig (online vs compressed-tensors checkpoint, which layers)
 linear_method.py  the vLLM linear methods (create weights, quantize or unpack after loading, apply)
-cpp_kernel.py     the compiled CPU kernel (csrc/int8_mm.cpp: int16 activations x int8 weights, integer dot products)
+cpp_kernel.py     the compiled CPU kernel (csrc/int8_mm.cpp: 16-bit activations x int8 weights, three inner loops)
 cpu_kernels.py    the pure-torch CPU paths: int8 tiles widened in cache into the dense GEMM, and torch's int8pack
 cpu_plan.py       which path runs each layer shape and row-count bucket, measured on this machine against vLLM's
                   bf16 linear (`normswap int8-plan` prints it); plan_cache.py keeps it on disk per machine

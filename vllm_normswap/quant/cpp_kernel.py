@@ -25,8 +25,8 @@ import torch
 
 NAME = "normswap_int8_mm"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_mm.cpp"
-# the extension's ISA codes 0..4; avx512bf16 is the avx512vnni path plus bf16 dot products for bf16 batches of
-# BF16_MIN_ROWS rows and more (csrc/int8_mm.cpp)
+# the extension's ISA codes 0..4; avx512vnni adds the byte-plane loop from U8_MIN_ROWS rows, avx512bf16 adds bf16
+# dot products for bf16 batches of BF16_MIN_ROWS rows and more (csrc/int8_mm.cpp)
 ISAS = ("scalar", "avx2", "avx512bw", "avx512vnni", "avx512bf16")
 # torch.backends.cpu.get_cpu_capability() -> the highest of our paths it allows
 _TORCH_CAP = {"DEFAULT": 0, "NO AVX": 0, "AVX2": 1, "AVX512": 4, "ZVECTOR": 0, "VSX": 0}

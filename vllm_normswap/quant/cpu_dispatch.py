@@ -2,8 +2,9 @@
 and row-count bucket, looked up per call.
 
 The three CPU paths:
-- "cpp": the compiled kernel (cpp_kernel.py, csrc/int8_mm.cpp): int16 activations x int8 weights in integer dot
-  products, parallel over the torch threads; any activation dtype and scale granularity. Built on first use;
+- "cpp": the compiled kernel (cpp_kernel.py, csrc/int8_mm.cpp): 16-bit activations x int8 weights, with the inner
+  loop that suits the CPU and the row count (integer dot products on int16 or on byte planes, or bf16 dot
+  products), parallel over the torch threads; any activation dtype and scale granularity. Built on first use;
   unavailable without a C++ compiler.
 - "dequant": int8 weight tiles widened in cache and fed to the dense GEMM (cpu_kernels.dequant_mm), for shapes
   where compute dominates and the CPU's GEMM (e.g. oneDNN with native bf16 dot products) outruns integer dot
