@@ -343,8 +343,8 @@ void tile_range_512(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_
 // CPUs without BF16. Below 5 rows the weight reads bound the matmul and the int16 loop, with its wider tiles of
 // one and two rows (more weight streams), read them faster. Both bounds are the plan's bucket edges
 // (quant/cpu_plan.py: 1 | 2-4 | 5-16 | 17-64 | 65+), so that each bucket the plan times runs one inner loop.
-// Measured on a 2-core Zen 4 EPYC (docs/int8-kernels.md): against the int16 loop level at 4-6 rows, ahead from 8
-// rows (by 1.05-1.3x) and most at 16 (1.2-1.4x); against the bf16 loop ahead at 32, level at 64, behind from 128.
+// Measured on a 2-core Zen 4 EPYC (docs/int8-kernels.md): against the int16 loop level at 4-6 rows, ahead at 8 and
+// 16 rows (by 1.02-1.36x); against the bf16 loop level at 32 and 64 rows, behind from 128.
 
 constexpr int64_t U8_MIN_ROWS = 5;
 constexpr int64_t U8_MAX_K = 65536;
@@ -532,7 +532,7 @@ void split_rows_u8(const U8Problem& p, const void* x, bool bf16, uint8_t* hi, ui
 // fp32/fp16 would have to be rounded to bf16 first.
 
 // Rows from which a bf16 call on an AVX512-BF16 CPU takes this path: on a Zen 4 EPYC the byte-plane loop (above)
-// was ahead of it at 32 rows, level at 64, behind from 128 (1 and 2 threads, the four 1.0B Llama shapes); 65 is
+// was level with it at 32 and 64 rows and behind from 128 (1 and 2 threads, the four 1.0B Llama shapes); 65 is
 // the plan's prefill bucket edge.
 constexpr int64_t BF16_MIN_ROWS = 65;
 constexpr int BF_MR = 6, BF_NR = 4;    // register tile: 24 fp32 accumulators + 4 weight + 1 activation vectors
