@@ -11,7 +11,7 @@ Tolerance, per output element (float64 reference y = x @ W_hat^T, W_hat = q * sc
   (fp32).
 
 The byte-plane loop of the VNNI paths (per-channel scales, K a multiple of 64, U8_MIN_ROWS rows and more) quantizes
-per row instead of per block: the same bound with the block as long as the row; its integer sums and their int64
+per row instead of per block: the same bound with the block as long as the row; its integer sums and their
 combination are exact, the scaling is in float64.
 
 The avx512bf16 path's bf16 dot products (bf16 activations, per-channel scales, BF16_MIN_ROWS rows and more) have
@@ -185,14 +185,15 @@ VNNI_ONLY = pytest.mark.skipif("avx512vnni" not in ISAS, reason="no AVX512-VNNI 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_byte_planes_at_every_row_count_and_odd_shapes(threads):
     """The byte-plane loop forced from one row on (u8_rows=1): odd M (register-tile and thread-split tails), odd N
-    (the weight-stream layout's and the tile's tails), K from one 64-step up, several weight chunks per thread
+    (the weight-stream layout's and the tile's tails), K from one 64-step up to 4160, several weight chunks per thread
     (1031 x 2048: the next chunk prefetched), bf16/fp32/fp16 activations, per-channel and per-tensor scales, on 1
     and 2 threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for i, (m, n, k) in enumerate([(1, 3, 64), (2, 257, 192), (3, 17, 1024), (5, 1031, 128), (7, 5, 2048),
-                                       (13, 66, 64), (40, 129, 320), (130, 9, 512), (9, 1031, 2048)]):
+                                       (13, 66, 64), (40, 129, 320), (130, 9, 512), (9, 1031, 2048),
+                                       (6, 37, 4096), (4, 41, 4160)]):
             for gran, dtype in (("channel", torch.bfloat16), ("tensor", torch.bfloat16),
                                 ("channel", torch.float32), ("channel", torch.float16)):
                 q, scale = weights(n, k, gran, i)
@@ -218,6 +219,25 @@ def test_byte_planes_run_only_where_they_apply():
         assert torch.equal(ext.int8_mm(x, w, s, 3), ext.int8_mm(x, w, s, 2))
     x = torch.randn(rows, 512)
     assert not torch.equal(ext.int8_mm(x, q2, scale2, 3), ext.int8_mm(x, q2, scale2, 2))
+
+
+@VNNI_ONLY
+@pytest.mark.parametrize("k", [4096, 4160])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_byte_planes_extreme_sums_are_exact(k, sign):
+    """The largest sums the byte planes can meet: every activation at the row's maximum (x_q + 32768 = 65535 or
+    1) against weights of -128 or 127: 256 H + L reaches 65535 * 128 * K, past int32 from K = 256 (a combination of
+    the planes in int32 before the lane sum overflows here, with the sign flipped). The result must be exact
+    before the fp32 output rounding (float64 reference on the same int8 weight: only the output's half ulp left)."""
+    q = torch.full((8, k), -128, dtype=torch.int8)
+    q[1::2] = 127
+    scale = torch.full((8, 1), 1e-3)
+    x = torch.full((5, k), 3.0 * sign)
+    x[1] = -x[1]
+    x[2, ::2] = 0.0  # half the row at x_q = 0 (x_q + 32768 = 32768): both planes' bytes vary
+    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index("avx512vnni"), BLOCK, 10 ** 9, 1)
+    want = x.double() @ (q.double() * 1e-3).t()
+    assert torch.allclose(got.double(), want, rtol=2.0 ** -23, atol=0), float((got.double() - want).abs().max())
 
 
 @VNNI_ONLY

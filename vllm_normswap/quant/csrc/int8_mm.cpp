@@ -404,6 +404,47 @@ inline void finish_u8(const U8Problem& p, int64_t m, int64_t n, int32_t H, int32
   store_val(p.out, p.out_kind, m * p.N + n, float(double(dot) * p.sx[m] * double(p.sw[n * p.s_rs])));
 }
 
+// 4 x fp32 -> 4 x bf16 bits in the low halves of the int32 lanes: round to nearest even (as c10::BFloat16), NaN
+// to the quiet NaN
+inline __m128i bf16_bits4(__m128 f) {
+  const __m128i b = _mm_castps_si128(f);
+  const __m128i r = _mm_srli_epi32(
+      _mm_add_epi32(_mm_add_epi32(b, _mm_set1_epi32(0x7FFF)), _mm_and_si128(_mm_srli_epi32(b, 16), _mm_set1_epi32(1))), 16);
+  return _mm_mask_mov_epi32(r, _mm_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm_set1_epi32(0x7FC0));
+}
+
+// The outputs of one activation row m and four weight rows n0 + j rs (j < 4) from the tile's accumulators: the
+// arithmetic of finish_u8, four outputs at a time in double (exact until the scaling). H and L are reduced apart:
+// their lanes could be combined exactly (|256 h + l| <= 65535 * 128 * K / 16 fits int32 up to K = 4096), but not the
+// 16 lanes' sum. The scalar version (finish_u8 four times) cost ~10% of the time at K = 2048 (docs/int8-kernels.md).
+inline void finish4_u8(const U8Problem& p, int64_t m, int64_t n0, int64_t rs, const __m512 h[4], const __m512 l[4],
+                       __m256d S32768, __m256d sw) {
+  const __m128i H = sum4i(as_i(h[0]), as_i(h[1]), as_i(h[2]), as_i(h[3]));
+  const __m128i L = sum4i(as_i(l[0]), as_i(l[1]), as_i(l[2]), as_i(l[3]));
+  const __m256d hl = _mm256_fmadd_pd(_mm256_cvtepi32_pd(H), _mm256_set1_pd(256.0), _mm256_cvtepi32_pd(L));
+  const __m256d y = _mm256_mul_pd(_mm256_mul_pd(_mm256_sub_pd(hl, S32768), _mm256_set1_pd(p.sx[m])), sw);
+  const __m128 f = _mm256_cvtpd_ps(y);
+  const int64_t o = m * p.N + n0;
+  if (p.out_kind == OUT_BF16) {
+    const __m128i r = bf16_bits4(f);
+    uint16_t* out = static_cast<uint16_t*>(p.out) + o;
+    if (rs == 1) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi32(r, r));
+    } else {
+      out[0] = uint16_t(_mm_extract_epi32(r, 0));
+      out[rs] = uint16_t(_mm_extract_epi32(r, 1));
+      out[2 * rs] = uint16_t(_mm_extract_epi32(r, 2));
+      out[3 * rs] = uint16_t(_mm_extract_epi32(r, 3));
+    }
+  } else if (p.out_kind == OUT_F32 && rs == 1) {
+    _mm_storeu_ps(static_cast<float*>(p.out) + o, f);
+  } else {
+    alignas(16) float v[4];
+    _mm_store_ps(v, f);
+    for (int j = 0; j < 4; ++j) store_val(p.out, p.out_kind, o + j * rs, v[j]);
+  }
+}
+
 // The next chunk's weights, fetched into L2 while this chunk computes: 2 K bytes by each tile (two lines per k step),
 // so that from two row tiles on (5 rows) the whole next chunk is in L2 when its first row tile starts. Without it
 // that first pass waits for memory at the speed of decode.
@@ -437,17 +478,17 @@ void tile_u8(const U8Problem& p, int64_t m0, int64_t n0, int64_t rs, const int32
       for (int j = 0; j < NR; ++j) l[i][j] = busd(l[i][j], xl, wv[j]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    if constexpr (NR == 4) {  // the four sums of a plane at once (as sum4 in the bf16 loop)
-      alignas(16) int32_t H[4], L[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(H), sum4i(as_i(h[i][0]), as_i(h[i][1]), as_i(h[i][2]), as_i(h[i][3])));
-      _mm_store_si128(reinterpret_cast<__m128i*>(L), sum4i(as_i(l[i][0]), as_i(l[i][1]), as_i(l[i][2]), as_i(l[i][3])));
-      for (int j = 0; j < 4; ++j) finish_u8(p, m0 + i, n0 + j * rs, H[j], L[j], S[j * rs]);
-    } else {
+  if constexpr (NR == 4) {
+    const __m256d S32768 = _mm256_mul_pd(_mm256_set1_pd(32768.0),
+                                         _mm256_cvtepi32_pd(_mm_set_epi32(S[3 * rs], S[2 * rs], S[rs], S[0])));
+    const __m256d sw = p.s_rs ? _mm256_set_pd(p.sw[n0 + 3 * rs], p.sw[n0 + 2 * rs], p.sw[n0 + rs], p.sw[n0])
+                              : _mm256_set1_pd(p.sw[0]);
+    for (int i = 0; i < MR; ++i) finish4_u8(p, m0 + i, n0, rs, h[i], l[i], S32768, sw);
+  } else {
+    for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j)
         finish_u8(p, m0 + i, n0 + j * rs, _mm512_reduce_add_epi32(as_i(h[i][j])),
                   _mm512_reduce_add_epi32(as_i(l[i][j])), S[j * rs]);
-    }
   }
 }
 
