@@ -417,10 +417,12 @@ inline __m128i bf16_bits4(__m128 f) {
 // arithmetic of finish_u8, four outputs at a time in double (exact until the scaling). H and L are reduced apart:
 // their lanes could be combined exactly (|256 h + l| <= 65535 * 128 * K / 16 fits int32 up to K = 4096), but not the
 // 16 lanes' sum. The scalar version (finish_u8 four times) cost ~10% of the time at K = 2048 (docs/int8-kernels.md).
-inline void finish4_u8(const U8Problem& p, int64_t m, int64_t n0, int64_t rs, const __m512 h[4], const __m512 l[4],
-                       __m256d S32768, __m256d sw) {
-  const __m128i H = sum4i(as_i(h[0]), as_i(h[1]), as_i(h[2]), as_i(h[3]));
-  const __m128i L = sum4i(as_i(l[0]), as_i(l[1]), as_i(l[2]), as_i(l[3]));
+// The accumulators come by value and the caller's loop is unrolled: with arrays GCC stored all 24 to the stack.
+__attribute__((always_inline)) inline void finish4_u8(const U8Problem& p, int64_t m, int64_t n0, int64_t rs,
+                                                      __m512 h0, __m512 h1, __m512 h2, __m512 h3, __m512 l0, __m512 l1,
+                                                      __m512 l2, __m512 l3, __m256d S32768, __m256d sw) {
+  const __m128i H = sum4i(as_i(h0), as_i(h1), as_i(h2), as_i(h3));
+  const __m128i L = sum4i(as_i(l0), as_i(l1), as_i(l2), as_i(l3));
   const __m256d hl = _mm256_fmadd_pd(_mm256_cvtepi32_pd(H), _mm256_set1_pd(256.0), _mm256_cvtepi32_pd(L));
   const __m256d y = _mm256_mul_pd(_mm256_mul_pd(_mm256_sub_pd(hl, S32768), _mm256_set1_pd(p.sx[m])), sw);
   const __m128 f = _mm256_cvtpd_ps(y);
@@ -483,7 +485,9 @@ void tile_u8(const U8Problem& p, int64_t m0, int64_t n0, int64_t rs, const int32
                                          _mm256_cvtepi32_pd(_mm_set_epi32(S[3 * rs], S[2 * rs], S[rs], S[0])));
     const __m256d sw = p.s_rs ? _mm256_set_pd(p.sw[n0 + 3 * rs], p.sw[n0 + 2 * rs], p.sw[n0 + rs], p.sw[n0])
                               : _mm256_set1_pd(p.sw[0]);
-    for (int i = 0; i < MR; ++i) finish4_u8(p, m0 + i, n0, rs, h[i], l[i], S32768, sw);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i)
+      finish4_u8(p, m0 + i, n0, rs, h[i][0], h[i][1], h[i][2], h[i][3], l[i][0], l[i][1], l[i][2], l[i][3], S32768, sw);
   } else {
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j)
