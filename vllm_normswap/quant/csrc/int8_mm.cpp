@@ -656,7 +656,8 @@ void tile_bf16(const Bf16Problem& p, const uint16_t* wc, int64_t nw0, int64_t m0
   if constexpr (NR == 4) {
     // the four sums of a row at once: at K = 2048 four separate reductions cost ~12% of the dot products
     const __m128 sw = p.s_rs ? _mm_loadu_ps(p.sw + n0) : _mm_set1_ps(p.sw[0]);
-    for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {  // unrolled: else GCC keeps the accumulators on the stack (as finish4_u8)
       const __m128 sums = _mm_mul_ps(sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]), sw);
       const __m128i bf = reinterpret_cast<__m128i>(_mm_cvtneps_pbh(sums));  // round to nearest even, 4 x bf16
       _mm_storel_epi64(reinterpret_cast<__m128i*>(p.out + (m0 + i) * p.N + n0), bf);
