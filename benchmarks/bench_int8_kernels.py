@@ -139,9 +139,9 @@ def timed_rows(a, threads: int, isa: int) -> list[dict]:
             row = {"shape": name, "n": n, "k": k, "m": m, "threads": threads}
             row["cpp_ms"] = median_ms([lambda q=q, s=s: cpp_kernel.int8_mm(x, q, s, isa) for q, s in weights],
                                       a.seconds)
-            for name, (bounds, lowest) in LOOPS.items() if a.loops else ():
+            for loop, (bounds, lowest) in LOOPS.items() if a.loops else ():
                 if isa >= cpp_kernel.ISAS.index(lowest):
-                    row[f"loop_{name}_ms"] = median_ms(
+                    row[f"loop_{loop}_ms"] = median_ms(
                         [lambda q=q, s=s, b=bounds: cpp_kernel.int8_mm(x, q, s, isa, **b) for q, s in weights],
                         a.seconds)
             for path, fn in others.items():
