@@ -9,8 +9,8 @@ For each weight shape, row count M and torch thread count: the median ms of
 - int8pack (with --int8pack): torch's _weight_int8pack_mm, the decode path without a compiler;
 - bf16: vLLM's own CPU bf16 linear (dispatch_cpu_unquantized_gemm, as vLLM's UnquantizedLinearMethod sets it up
   and as benchmarks/bench_int8.py times it);
-with --loops, cpp again with each of its inner loops forced at every row count (loop_int16, loop_bytes,
-loop_bf16: those this CPU runs), the measurement behind the row bounds in csrc/int8_mm.cpp;
+with --loops, cpp again with each of its inner loops forced at every row count (loop_int16, loop_u8, loop_bf16:
+those this CPU runs), the measurement behind the default row bounds in csrc/int8_mm.cpp;
 and the ratios PATH/cpp (above 1: cpp is faster); the plan a server would use is `normswap int8-plan`. Every call
 cycles through copies of the weight that together exceed the L3 cache (as in the engine, where each layer's
 weight comes from memory); warm-up calls are not timed. Shapes: hidden 2048, ffn 5632, full multi-head attention (bench_int8.py's default model).
@@ -37,11 +37,6 @@ import dot_peak  # noqa: E402
 import machine  # noqa: E402
 
 SHAPES = {"qkv": (3 * 2048, 2048), "o": (2048, 2048), "gate_up": (2 * 5632, 2048), "down": (2048, 5632)}
-# cpp's inner loops (--loops): the row bounds that force each one, and the lowest ISA path that has it
-BIG = 1 << 30
-LOOPS = {"int16": ({"u8_rows": BIG, "bf16_rows": BIG}, "scalar"),
-         "bytes": ({"u8_rows": 1, "bf16_rows": BIG}, "avx512vnni"),
-         "bf16": ({"u8_rows": BIG, "bf16_rows": 1}, "avx512bf16")}
 CYCLE_BYTES = 128 << 20  # weights cycled per kernel: well above the L3 of the CPUs we run on (<= ~100 MiB)
 
 
@@ -139,11 +134,10 @@ def timed_rows(a, threads: int, isa: int) -> list[dict]:
             row = {"shape": name, "n": n, "k": k, "m": m, "threads": threads}
             row["cpp_ms"] = median_ms([lambda q=q, s=s: cpp_kernel.int8_mm(x, q, s, isa) for q, s in weights],
                                       a.seconds)
-            for loop, (bounds, lowest) in LOOPS.items() if a.loops else ():
-                if isa >= cpp_kernel.ISAS.index(lowest):
-                    row[f"loop_{loop}_ms"] = median_ms(
-                        [lambda q=q, s=s, b=bounds: cpp_kernel.int8_mm(x, q, s, isa, **b) for q, s in weights],
-                        a.seconds)
+            # each inner loop this CPU runs for the shape, forced (cpp_kernel.loops: what the plan times)
+            for loop in cpp_kernel.loops(k, weights[0][1].shape[1], x.dtype, isa) if a.loops else ():
+                row[f"loop_{loop}_ms"] = median_ms(
+                    [lambda q=q, s=s, f=cpp_kernel.loop_mm(loop): f(x, q, s, isa) for q, s in weights], a.seconds)
             for path, fn in others.items():
                 row[f"{path}_ms"] = median_ms([lambda q=q, s=s, fn=fn: fn(x, q, s) for q, s in weights], a.seconds)
                 row[f"{path}_over_cpp"] = row[f"{path}_ms"] / row["cpp_ms"]

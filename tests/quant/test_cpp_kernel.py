@@ -298,6 +298,40 @@ def test_bf16_path_runs_the_integer_kernel_where_bf16_dots_do_not_apply():
     assert not torch.equal(ext.int8_mm(x, q, scale, 4), ext.int8_mm(x, q, scale, 3))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_loop_the_plan_can_force_is_where_it_applies_and_within_its_bound(isa):
+    """cpp_kernel.loops (what the plan times) and default_loop (its incumbents) ask the extension which inner loop
+    runs; this test states independently where each applies (uses_bf16_dots, uses_byte_planes), over activation
+    dtypes, scale granularities, K on and off the byte planes' 64-multiple, and row counts about the default
+    bounds. Each loop the plan can name, forced through loop_mm at odd shapes, stays within that loop's bound."""
+    code = cpp_kernel.ISAS.index(isa)
+    never = 10 ** 9
+    for dtype, (gran, group), k in itertools.product((torch.bfloat16, torch.float32, torch.float16),
+                                                    (("channel", None), ("group", 8)), (192, 520)):
+        q, scale = weights(9, k, gran, k, group)
+        scale = scale.to(dtype)
+        g = scale.shape[1]
+        x1 = torch.ones(1, k, dtype=dtype)
+        want = ["int16"]
+        if uses_byte_planes(x1, scale, isa, never, 1):
+            want.append("u8")
+        if uses_bf16_dots(x1, scale, isa, 1):
+            want.append("bf16")
+        assert cpp_kernel.loops(k, g, dtype, code) == tuple(want), (isa, dtype, gran, k)
+        for m in (1, 4, 5, 16, 64, 65, 256):
+            xm = torch.ones(m, k, dtype=dtype)
+            expect = ("bf16" if uses_bf16_dots(xm, scale, isa, ext.BF16_MIN_ROWS)
+                      else "u8" if uses_byte_planes(xm, scale, isa, ext.BF16_MIN_ROWS, ext.U8_MIN_ROWS) else "int16")
+            assert cpp_kernel.default_loop(m, k, g, dtype, code) == expect, (isa, dtype, gran, k, m)
+    for i, (m, n, k) in enumerate([(3, 257, 192), (7, 17, 2048), (66, 5, 128)]):
+        q, scale = weights(n, k, "channel", 40 + i)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(40 + i)).to(torch.bfloat16)
+        for loop in cpp_kernel.loops(k, 1, torch.bfloat16, code):
+            bf16_rows, u8_rows = cpp_kernel.LOOP_ROWS[loop]
+            got = check(x, q, scale, isa, bf16_rows=bf16_rows, u8_rows=u8_rows)
+            assert torch.equal(cpp_kernel.loop_mm(loop)(x, q, scale, isa=code), got)
+
+
 def test_default_isa_is_the_best_that_cpu_and_torch_allow():
     """torch's capability (ATEN_CPU_CAPABILITY) caps the path: scripts/as_avx2.sh holds an AVX-512 CPU to AVX2."""
     cap = {"AVX2": 1, "AVX512": 4}.get(torch.backends.cpu.get_cpu_capability(), ext.best_isa())

@@ -53,9 +53,56 @@ def test_buckets_cover_every_row_count_once():
 
 
 def test_choice_keeps_the_incumbent_within_the_margin():
-    """Pure logic: a challenger must be more than INCUMBENT_MARGIN faster to take a bucket."""
+    """Pure logic: a challenger must be more than INCUMBENT_MARGIN faster to take a bucket; the incumbent may
+    differ per bucket (the compiled kernel's default loop)."""
     ms = {"cpp": [1.0, 1.0, 1.0, 1.0, 1.0], "dequant": [2.0, 0.95, 0.85, 0.5, 1.0]}
     assert cpu_plan.choose(ms, ("cpp", "dequant")) == ("cpp", "cpp", "dequant", "dequant", "cpp")
+    ms = {"cpp:int16": [1.0, 1.0, 1.0, 2.0, 3.0], "cpp:u8": [3.0, 0.95, 1.0, 1.0, 1.0],
+          "cpp:bf16": [2.0, 2.0, 0.85, 0.95, 0.8], "dequant": [9.0] * 5}
+    held = ("cpp:int16", "cpp:int16", "cpp:u8", "cpp:u8", "cpp:bf16")
+    assert cpu_plan.choose(ms, tuple(ms), held) == ("cpp:int16", "cpp:int16", "cpp:bf16", "cpp:u8", "cpp:bf16")
+
+
+def test_incumbents_are_the_compiled_kernels_default_loops():
+    """Each bucket's incumbent is the loop the extension's own row bounds pick at the bucket's timed rows."""
+    if cpp_kernel.loaded() is None:
+        pytest.skip("the compiled kernel did not build")
+    for k, g, dtype in [(2048, 1, torch.bfloat16), (2050, 1, torch.bfloat16), (2048, 16, torch.float32)]:
+        paths = cpu_plan.candidates(k, g, dtype)
+        held = cpu_plan.incumbents(k, g, dtype, paths)
+        assert set(held) <= set(paths)
+        assert held == tuple(f"cpp:{cpp_kernel.default_loop(rows, k, g, dtype)}" for rows in cpu_plan.ROWS)
+        assert held[0] == "cpp:int16"  # one row: the int16 loop's many weight streams, on every ISA path
+
+
+def test_a_planted_slow_loop_loses_its_buckets(monkeypatch):
+    """Positive control for the measured choice: the int16 loop, the incumbent of the 1 and 2-4 buckets on every
+    ISA path, is slowed by a known 20 ms a call; the plan must replace it there (with another loop, or dequant:
+    each far below 20 ms on this shape), and must have timed the delay rather than skipped the incumbent."""
+    if cpp_kernel.loaded() is None:
+        pytest.skip("the compiled kernel did not build")
+    import time
+
+    k, g, dtype = 192, 1, torch.bfloat16
+    paths = cpu_plan.candidates(k, g, dtype)
+    held = cpu_plan.incumbents(k, g, dtype, paths)
+    assert held[:2] == ("cpp:int16", "cpp:int16")
+    real = cpp_kernel.loop_mm
+
+    def planted(loop):
+        fast = real(loop)
+
+        def slow(*args):
+            time.sleep(0.02)
+            return fast(*args)
+        return slow if loop == "int16" else fast
+
+    monkeypatch.setattr(cpp_kernel, "loop_mm", planted)
+    weight, scale = cpu_plan.random_weight(576, k, g, dtype)
+    ms = cpu_plan.measure(weight, scale, dtype, paths)
+    chosen = cpu_plan.choose(ms, paths, held)
+    assert ms["cpp:int16"][0] > 20 and ms["cpp:int16"][1] > 20, ms
+    assert "cpp:int16" not in chosen[:2], (chosen, ms)
 
 
 def _chosen_vs_bf16(shapes: list[tuple[int, int]], threads: int) -> list[list[tuple[str, float, float]]]:
@@ -66,7 +113,8 @@ def _chosen_vs_bf16(shapes: list[tuple[int, int]], threads: int) -> list[list[tu
     specs = [(n, k, 1) for n, k in shapes]
     out = []
     for (n, k, g), (first, second) in zip(specs, cpu_plan.measure_at(threads, specs, torch.bfloat16, rounds=2)):
-        kernels = cpu_plan.choose(first, cpu_plan.candidates(k, g, torch.bfloat16))
+        paths = cpu_plan.candidates(k, g, torch.bfloat16)
+        kernels = cpu_plan.choose(first, paths, cpu_plan.incumbents(k, g, torch.bfloat16, paths))
         out.append([(kernel, second[kernel][i], second["vllm_bf16"][i]) for i, kernel in enumerate(kernels)])
     return out
 
@@ -129,7 +177,7 @@ def test_same_cache_gives_the_same_plan_without_measuring(own_cache, monkeypatch
     threads = torch.get_num_threads()
     key = plan_cache.entry_key(64, 96, 1, torch.bfloat16, threads)
     kernels = ["dequant", "dequant", "int8pack", "dequant", "int8pack"]
-    plan_cache.save(key, {"kernels": kernels, "ms": {}}, cpu_plan.PATHS, len(cpu_plan.BUCKETS))
+    plan_cache.save(key, {"kernels": kernels, "ms": {}}, cpu_plan.KERNELS, len(cpu_plan.BUCKETS))
     q, scale = torch.zeros(64, 96, dtype=torch.int8), torch.ones(64, 1)
     monkeypatch.setattr(cpu_dispatch, "forced", lambda: None)  # whatever NORMSWAP_INT8_KERNEL says here
     for rows, kernel in zip(cpu_plan.ROWS, kernels):
@@ -166,7 +214,7 @@ def test_malformed_entry_is_dropped(warnings):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"fingerprint": plan_cache.fingerprint(), "entries": {
         ok: {"kernels": ["dequant"] * 5}, bad: {"kernels": ["numba"] * 5}}}))
-    assert set(plan_cache.load(cpu_plan.PATHS, len(cpu_plan.BUCKETS))) == {ok}
+    assert set(plan_cache.load(cpu_plan.KERNELS, len(cpu_plan.BUCKETS))) == {ok}
     assert any("1 malformed" in w for w in warnings)
 
 
@@ -192,11 +240,11 @@ def test_int8_plan_command_prints_a_table_and_json(capsys, monkeypatch):
     assert lines[0].startswith("| layer | N x K |") and "M=65+" in lines[0]
     assert lines[2].startswith(f"| 96x64 | 96 x 64 | 1 | bfloat16 | {OWN} |") and len(lines) == 4
     kernels = [cell.split()[0] for cell in lines[2].strip("| ").split(" | ")[5:]]
-    assert all(k in cpu_plan.PATHS for k in kernels) and len(kernels) == 5
+    assert all(k in cpu_plan.KERNELS for k in kernels) and len(kernels) == 5
     plan = json.loads(body)["plan"]
     assert [p["layer"] for p in plan] == ["96x64", "64x96"] and list(plan[0]["buckets"].values()) == kernels
     if cpp_kernel.loaded() is not None:
-        assert plan[0]["buckets"]["1"] in ("cpp", "dequant")
+        assert plan[0]["buckets"]["1"] != "int8pack"  # the compiled kernel (some loop) or dequant
 
 
 def test_a_second_thread_count_for_a_timed_shape_goes_to_a_fresh_process():

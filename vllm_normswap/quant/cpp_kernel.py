@@ -28,6 +28,13 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_mm.cpp"
 # the extension's ISA codes 0..4; avx512vnni adds the byte-plane loop from U8_MIN_ROWS rows, avx512bf16 adds bf16
 # dot products for bf16 batches of BF16_MIN_ROWS rows and more (csrc/int8_mm.cpp)
 ISAS = ("scalar", "avx2", "avx512bw", "avx512vnni", "avx512bf16")
+# the extension's inner loops (csrc/int8_mm.cpp): int16 on every path, byte planes ("u8") on the VNNI paths, bf16
+# dot products on avx512bf16; its row bounds pick one by default, the plan (cpu_plan.py) forces the one it measured
+LOOPS = ("int16", "u8", "bf16")
+_NEVER = 1 << 62  # a row bound no call reaches
+# int8_mm's (bf16_rows, u8_rows) that make a call of any row count run the loop where it applies, else the int16
+# loop (the extension's pick_loop)
+LOOP_ROWS = {"int16": (_NEVER, _NEVER), "u8": (_NEVER, 1), "bf16": (1, _NEVER)}
 # torch.backends.cpu.get_cpu_capability() -> the highest of our paths it allows
 _TORCH_CAP = {"DEFAULT": 0, "NO AVX": 0, "AVX2": 1, "AVX512": 4, "ZVECTOR": 0, "VSX": 0}
 FIX = "install g++ (apt-get install g++) and ninja, then run scripts/install.sh"
@@ -137,6 +144,30 @@ def int8_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: in
     return ext.int8_mm(x2, weight, scale, default_isa() if isa is None else isa, block,
                        ext.BF16_MIN_ROWS if bf16_rows is None else bf16_rows,
                        ext.U8_MIN_ROWS if u8_rows is None else u8_rows)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def default_loop(m: int, k: int, groups: int, dtype: torch.dtype, isa: int | None = None) -> str:
+    """The inner loop the extension's own row bounds pick for M rows of K inputs with ``groups`` scale columns."""
+    return loaded().loop_for(default_isa() if isa is None else isa, m, k, groups, _dtype_name(dtype))
+
+
+def loops(k: int, groups: int, dtype: torch.dtype, isa: int | None = None) -> tuple[str, ...]:
+    """The inner loops this CPU can run for K inputs with ``groups`` scale columns and these activations: each
+    loop forced in turn, as the extension falls through where one does not apply."""
+    isa = default_isa() if isa is None else isa
+    ran = {loaded().loop_for(isa, 1, k, groups, _dtype_name(dtype), *LOOP_ROWS[loop]) for loop in LOOPS}
+    return tuple(loop for loop in LOOPS if loop in ran)
+
+
+@functools.lru_cache(maxsize=None)
+def loop_mm(loop: str):
+    """int8_mm with ``loop`` forced at every row count (where it applies): what a plan's "cpp:<loop>" runs."""
+    bf16_rows, u8_rows = LOOP_ROWS[loop]
+    return functools.partial(int8_mm, bf16_rows=bf16_rows, u8_rows=u8_rows)
 
 
 def available_isas() -> tuple[str, ...]:

@@ -2,10 +2,10 @@
 and row-count bucket, looked up per call.
 
 The three CPU paths:
-- "cpp": the compiled kernel (cpp_kernel.py, csrc/int8_mm.cpp): 16-bit activations x int8 weights, with the inner
-  loop that suits the CPU and the row count (integer dot products on int16 or on byte planes, or bf16 dot
-  products), parallel over the torch threads; any activation dtype and scale granularity. Built on first use;
-  unavailable without a C++ compiler.
+- "cpp": the compiled kernel (cpp_kernel.py, csrc/int8_mm.cpp): 16-bit activations x int8 weights, parallel over
+  the torch threads; any activation dtype and scale granularity. Three inner loops (integer dot products on int16
+  or on byte planes, or bf16 dot products); the plan names the one it measured fastest per bucket ("cpp:u8").
+  Built on first use; unavailable without a C++ compiler.
 - "dequant": int8 weight tiles widened in cache and fed to the dense GEMM (cpu_kernels.dequant_mm), for shapes
   where compute dominates and the CPU's GEMM (e.g. oneDNN with native bf16 dot products) outruns integer dot
   products. Pure torch; any scale granularity.
@@ -26,11 +26,12 @@ import torch
 
 import vllm_normswap.quant.cpp_kernel as cpp_kernel
 import vllm_normswap.quant.cpu_plan as cpu_plan
-from vllm_normswap.quant.cpu_kernels import dequant_mm, int8pack_applies, int8pack_mm
+from vllm_normswap.quant.cpu_kernels import int8pack_applies
 
 ENV = "NORMSWAP_INT8_KERNEL"
 KERNEL_CHOICES = ("auto",) + cpu_plan.PATHS
-KERNELS = {"cpp": cpp_kernel.int8_mm, "dequant": dequant_mm, "int8pack": int8pack_mm}
+# a plan's kernels ("cpp:<loop>", ...) and the paths NORMSWAP_INT8_KERNEL forces ("cpp": the extension's own bounds)
+KERNELS = {name: cpu_plan.kernel(name) for name in cpu_plan.KERNELS + cpu_plan.PATHS}
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,13 +7,18 @@ Buckets of rows M (tokens in the batch): 1 | 2-4 | 5-16 | 17-64 | 65+. Batch-1 d
 compute. Each bucket is timed at its top row count (1, 4, 16, 64; 256 for prefill), where the memory-bound
 kernels look worst within it.
 
+Candidates: the compiled kernel once per inner loop that applies here ("cpp:int16", "cpp:u8", "cpp:bf16";
+cpp_kernel.loops), forced at every row count, and the pure-torch paths. The extension's own row bounds between its
+loops (U8_MIN_ROWS, BF16_MIN_ROWS) were measured on one CPU; here they only name the incumbent of each bucket, and
+a loop that is clearly faster on this machine replaces it.
+
 Measurement (``measure``): random activations [M, K] in the model dtype; the layer's own int8 weight; every
 candidate and vLLM's bf16 linear (``dispatch_cpu_unquantized_gemm`` on the dequantized weight: oneDNN, SGL,
 zentorch or F.linear, whatever the bf16 server would run here) called in turn, the order rotating each round, so
 that a busy neighbour slows all of them alike; per candidate the median. The incumbent (the compiled kernel where
-it built, else int8pack where it applies) keeps the bucket unless a challenger's median is more than
-INCUMBENT_MARGIN faster: noise does not flip the plan between starts. The plan is cached (plan_cache.py); the
-same cache gives the same plan.
+it built, with the loop its row bounds pick at the bucket's rows; else int8pack where it applies) keeps the bucket
+unless a challenger's median is more than INCUMBENT_MARGIN faster: noise does not flip the plan between starts.
+The plan is cached (plan_cache.py); the same cache gives the same plan.
 
 One process times vLLM's bf16 linear at one thread count per shape. Its oneDNN primitives fix their thread count
 when they are created and are cached process-wide by shape and row count, so a shape timed again under another
@@ -45,6 +50,8 @@ from vllm_normswap.quant.cpu_kernels import dequant_mm, int8pack_applies, int8pa
 from vllm_normswap.quant.primitives import dequantize
 
 PATHS = ("cpp", "dequant", "int8pack")
+# what a plan names per bucket: the compiled kernel with one inner loop forced, or a pure-torch path
+KERNELS = tuple(f"cpp:{loop}" for loop in cpp_kernel.LOOPS) + PATHS[1:]
 BUCKETS = ("1", "2-4", "5-16", "17-64", "65+")
 ROWS = (1, 4, 16, 64, 256)  # the row count each bucket is timed at
 INCUMBENT_MARGIN = 0.10  # a challenger must be this much faster (median) to replace the incumbent
@@ -87,11 +94,27 @@ class Plan:
                 + "; ".join(cells))
 
 
+def kernel(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The function behind a plan's kernel name (KERNELS), or a path's (PATHS: "cpp" with its own row bounds)."""
+    path, _, loop = name.partition(":")
+    if path == "cpp":
+        return cpp_kernel.loop_mm(loop) if loop else cpp_kernel.int8_mm
+    return {"dequant": dequant_mm, "int8pack": int8pack_mm}[path]
+
+
 def candidates(k: int, groups: int, dtype: torch.dtype) -> tuple[str, ...]:
-    """The paths that can run this shape here, the incumbent first."""
+    """The kernels that can run this shape here."""
     if dtype in CPP_DTYPES and cpp_kernel.loaded() is not None:
-        return ("cpp", "dequant")
+        return tuple(f"cpp:{loop}" for loop in cpp_kernel.loops(k, groups, dtype)) + ("dequant",)
     return ("int8pack", "dequant") if int8pack_applies(k, groups) else ("dequant",)
+
+
+def incumbents(k: int, groups: int, dtype: torch.dtype, paths: tuple[str, ...]) -> tuple[str, ...]:
+    """Per bucket, the kernel that keeps it unless another is clearly faster: the compiled kernel with the loop its
+    own row bounds pick at the bucket's timed rows, else the first candidate."""
+    if paths[0].startswith("cpp:"):
+        return tuple(f"cpp:{cpp_kernel.default_loop(rows, k, groups, dtype)}" for rows in ROWS)
+    return (paths[0],) * len(BUCKETS)
 
 
 def _vllm_bf16_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -158,26 +181,29 @@ def measure(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                            f"process, and its oneDNN primitives keep that count; measure {threads} thread(s) in a "
                            f"fresh process (cpu_plan.measure_at, or normswap int8-plan --threads {threads})")
     paths = paths or candidates(k, scale.shape[1], dtype)
-    kernels = {"cpp": cpp_kernel.int8_mm, "dequant": dequant_mm, "int8pack": int8pack_mm}
+    held = incumbents(k, scale.shape[1], dtype, paths)
     reference = _vllm_bf16_linear(torch.cat([dequantize(weight[i:i + 4096], scale[i:i + 4096], dtype)
                                              for i in range(0, n, 4096)]))
     gen = torch.Generator().manual_seed(n * 1_000_003 + k)
     out: dict[str, list[float]] = {name: [] for name in (*paths, "vllm_bf16")}
-    for rows in ROWS:
+    for rows, incumbent in zip(ROWS, held):
         x = torch.randn(rows, k, generator=gen).to(dtype)
-        fns = {name: (lambda f=kernels[name]: f(x, weight, scale)) for name in paths}
+        fns = {name: (lambda f=kernel(name): f(x, weight, scale)) for name in paths}
         fns["vllm_bf16"] = lambda: reference(x)
-        for name, ms in _median_ms(fns, keep=(paths[0], "vllm_bf16")).items():
+        for name, ms in _median_ms(fns, keep=(incumbent, "vllm_bf16")).items():
             out[name].append(ms)
     return out
 
 
-def choose(ms: dict[str, list[float]], paths: tuple[str, ...]) -> tuple[str, ...]:
-    """Per bucket: the incumbent (paths[0]) unless another path's median is more than INCUMBENT_MARGIN faster."""
+def choose(ms: dict[str, list[float]], paths: tuple[str, ...],
+           held: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Per bucket: the incumbent (``held``, by default paths[0] in every bucket) unless another kernel's median is
+    more than INCUMBENT_MARGIN faster."""
+    held = held or (paths[0],) * len(BUCKETS)
     chosen = []
-    for i in range(len(BUCKETS)):
+    for i, incumbent in enumerate(held):
         best = min(paths, key=lambda p: ms[p][i])
-        chosen.append(best if ms[best][i] < (1 - INCUMBENT_MARGIN) * ms[paths[0]][i] else paths[0])
+        chosen.append(best if ms[best][i] < (1 - INCUMBENT_MARGIN) * ms[incumbent][i] else incumbent)
     return tuple(chosen)
 
 
@@ -214,7 +240,7 @@ _PLANS: dict[tuple, Plan] = {}  # (n, k, groups, dtype, threads) -> this process
 
 def cached_plan(n: int, k: int, groups: int, dtype: torch.dtype, threads: int) -> Plan | None:
     """The plan for one shape as this machine's cache file holds it, or None; measures nothing."""
-    entry = plan_cache.load(PATHS, len(BUCKETS)).get(plan_cache.entry_key(n, k, groups, dtype, threads))
+    entry = plan_cache.load(KERNELS, len(BUCKETS)).get(plan_cache.entry_key(n, k, groups, dtype, threads))
     if entry is None:
         return None
     return Plan(n, k, groups, str(dtype).removeprefix("torch."), threads, tuple(entry["kernels"]),
@@ -252,10 +278,11 @@ def plans_for(shapes: list[tuple[int, int, int]], dtype: torch.dtype, threads: i
 
 def _measured(n: int, k: int, groups: int, dtype: torch.dtype, threads: int, ms: dict, paths: tuple) -> Plan:
     """The plan chosen on these timings, written to the cache."""
-    plan = Plan(n, k, groups, str(dtype).removeprefix("torch."), threads, choose(ms, paths),
+    plan = Plan(n, k, groups, str(dtype).removeprefix("torch."), threads,
+                choose(ms, paths, incumbents(k, groups, dtype, paths)),
                 {name: [round(v, 4) for v in ms[name]] for name in ms}, "measured")
     plan_cache.save(plan_cache.entry_key(n, k, groups, dtype, threads),
-                    {"kernels": list(plan.kernels), "ms": plan.ms}, PATHS, len(BUCKETS))
+                    {"kernels": list(plan.kernels), "ms": plan.ms}, KERNELS, len(BUCKETS))
     return plan
 
 

@@ -26,7 +26,7 @@ from vllm_normswap.cpuinfo import cpu_model_and_flags
 from vllm_normswap.logs import plugin_logger
 from vllm_normswap.quant.cpu_kernels import native_bf16
 
-FORMAT = 1
+FORMAT = 2  # 2: a bucket names the compiled kernel's loop ("cpp:u8")
 HERE = Path(__file__).resolve().parent
 KERNEL_SOURCES = (HERE / "csrc" / "int8_mm.cpp", HERE / "cpu_kernels.py", HERE / "cpu_plan.py")
 # /proc/cpuinfo flags that change which kernel wins: ISA levels of ours, of oneDNN's bf16 GEMM and of vLLM's
@@ -69,7 +69,8 @@ def entry_key(n: int, k: int, groups: int, dtype: torch.dtype, threads: int) -> 
 
 
 def _valid(entry, paths: tuple[str, ...], buckets: int) -> bool:
-    """{"kernels": [a path per bucket], "ms": {name: [ms per bucket]}}; "ms" is for the log and may be empty."""
+    """{"kernels": [a kernel per bucket, one of ``paths``], "ms": {name: [ms per bucket]}}; "ms" is for the log
+    and may be empty."""
     if not isinstance(entry, dict) or not isinstance(entry.get("kernels"), list):
         return False
     ms = entry.get("ms", {})

@@ -33,6 +33,8 @@
 //   int16 loop (above)         every path; on the VNNI paths below U8_MIN_ROWS rows, or K not a multiple of 64
 //   byte planes (AVX512-VNNI)  avx512vnni from U8_MIN_ROWS rows; avx512bf16 from U8_MIN_ROWS to BF16_MIN_ROWS - 1
 //   bf16 dots (AVX512-BF16)    avx512bf16, bf16 activations, from BF16_MIN_ROWS rows
+// Those row bounds are defaults, measured on one CPU: the caller passes its own (bf16_rows, u8_rows), and the plan
+// (quant/cpu_plan.py) times every loop that applies (loop_for) on the machine and forces the faster one per bucket.
 // Decode (weights streamed once, the reads bound it), small batches (multiply-adds per byte start to count) and
 // prefill (compute bound) want different loops; each section's header says why and what was measured.
 
@@ -341,8 +343,9 @@ void tile_range_512(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_
 // Prefetch: +5-15% at 8-16 rows, where the first pass over a chunk otherwise waited for memory).
 // Rows: from U8_MIN_ROWS up to the bf16 loop's start on AVX512-BF16 CPUs (bf16_rows), with no upper end on VNNI
 // CPUs without BF16. Below 5 rows the weight reads bound the matmul and the int16 loop, with its wider tiles of
-// one and two rows (more weight streams), read them faster. Both bounds are the plan's bucket edges
-// (quant/cpu_plan.py: 1 | 2-4 | 5-16 | 17-64 | 65+), so that each bucket the plan times runs one inner loop.
+// one and two rows (more weight streams), read them faster. Both bounds are defaults at the plan's bucket edges
+// (quant/cpu_plan.py: 1 | 2-4 | 5-16 | 17-64 | 65+): they pick each bucket's incumbent, and the plan replaces it
+// where another loop, forced, measures clearly faster on the machine.
 // Measured on a 2-core Zen 4 EPYC (docs/int8-kernels.md): against the int16 loop level at 4-6 rows, ahead at 8 and
 // 16 rows (by 1.02-1.36x); against the bf16 loop level at 32 and 64 rows, behind from 128.
 
@@ -578,7 +581,7 @@ void split_rows_u8(const U8Problem& p, const void* x, bool bf16, uint8_t* hi, ui
 
 // Rows from which a bf16 call on an AVX512-BF16 CPU takes this path: on a Zen 4 EPYC the byte-plane loop (above)
 // was level with it at 32 and 64 rows and behind from 128 (1 and 2 threads, the four 1.0B Llama shapes); 65 is
-// the plan's prefill bucket edge.
+// the plan's prefill bucket edge. A default, as U8_MIN_ROWS: the plan measures both loops per bucket.
 constexpr int64_t BF16_MIN_ROWS = 65;
 constexpr int BF_MR = 6, BF_NR = 4;    // register tile: 24 fp32 accumulators + 4 weight + 1 activation vectors
 constexpr int64_t BF_CHUNK_BYTES = 384 << 10;  // widened weight rows per chunk: in L2 while the row tiles pass
@@ -783,6 +786,32 @@ int64_t block_len(int64_t K, int64_t G, int64_t block) {
 }
 
 // y = x @ (w * scale)^T in bf16 dot products (the AVX512-BF16 path; bf16 x, per-channel or per-tensor scale).
+// How the int16 and byte-plane loops split a call over the torch threads: work items of nc output rows (weight
+// rows) by mc activation rows, item i = (i / m_chunks, i % m_chunks). A chunk is a share of N per thread, at most
+// chunk_bytes of int8 weights (L2-resident while the row tiles of M pass over it), a multiple of the tile width nr;
+// with one row tile (M <= mr) nothing is reused and a chunk is a plain share per thread. Where N alone gives fewer
+// chunks than threads, the rows M are split as well, in multiples of the row tile mr. Tiny problems run on the
+// calling thread (grain = items): a parallel region costs microseconds.
+struct Split {
+  int64_t nc, mc, m_chunks, items, grain;
+};
+
+Split split_work(int64_t M, int64_t N, int64_t K, int64_t chunk_bytes, int64_t mr, int64_t nr) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  Split sp{};
+  sp.nc = (N + threads - 1) / threads;
+  if (M > mr) sp.nc = std::min(sp.nc, std::max(nr, chunk_bytes / K));
+  sp.nc = std::max(nr, (sp.nc + nr - 1) / nr * nr);
+  const int64_t n_chunks = (N + sp.nc - 1) / sp.nc;
+  sp.m_chunks = 1;
+  if (n_chunks < threads && M > mr) sp.m_chunks = std::min((threads + n_chunks - 1) / n_chunks, (M + mr - 1) / mr);
+  sp.mc = ((M + sp.m_chunks - 1) / sp.m_chunks + mr - 1) / mr * mr;
+  sp.m_chunks = (M + sp.mc - 1) / sp.mc;
+  sp.items = n_chunks * sp.m_chunks;
+  sp.grain = M * N * K < (int64_t(1) << 18) ? sp.items : 1;
+  return sp;
+}
+
 at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto out = at::empty({M, N}, x.options());
@@ -836,22 +865,9 @@ at::Tensor u8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
   pybind11::gil_scoped_release no_gil;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
                    [&](int64_t m0, int64_t m1) { split_rows_u8(p, xp, bf16, hi, lo, sx, m0, m1); });
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // chunk of output rows: a share of N per thread, at most U8_CHUNK_BYTES of weights, a multiple of the tile
-  // (with one row tile, M <= U8_MR, nothing is reused: a plain share per thread)
-  int64_t nc = (N + threads - 1) / threads;
-  if (M > U8_MR) nc = std::min(nc, std::max<int64_t>(U8_NR, U8_CHUNK_BYTES / K));
-  nc = (nc + U8_NR - 1) / U8_NR * U8_NR;
-  const int64_t n_chunks = (N + nc - 1) / nc;
-  // N too small for the threads: split the rows M as well (in multiples of the row tile)
-  int64_t m_chunks = 1;
-  if (n_chunks < threads && M > U8_MR)
-    m_chunks = std::min((threads + n_chunks - 1) / n_chunks, (M + U8_MR - 1) / U8_MR);
-  const int64_t mc = ((M + m_chunks - 1) / m_chunks + U8_MR - 1) / U8_MR * U8_MR;
-  m_chunks = (M + mc - 1) / mc;
-  const int64_t items = n_chunks * m_chunks;
-  const int64_t grain = M * N * K < (int64_t(1) << 18) ? items : 1;  // tiny problems on the calling thread
-  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+  const Split sp = split_work(M, N, K, U8_CHUNK_BYTES, U8_MR, U8_NR);
+  const int64_t nc = sp.nc, mc = sp.mc, m_chunks = sp.m_chunks;
+  at::parallel_for(0, sp.items, sp.grain, [&](int64_t i0, int64_t i1) {
     std::vector<int32_t> S(static_cast<size_t>(nc));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t ni = i / m_chunks, mi = i % m_chunks;
@@ -865,6 +881,37 @@ at::Tensor u8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
     }
   });
   return out;
+}
+
+enum Loop : int { LOOP_INT16 = 0, LOOP_U8 = 1, LOOP_BF16 = 2 };
+const char* const LOOP_NAMES[] = {"int16", "u8", "bf16"};
+
+// The inner loop a call of M rows runs: the bf16 dots from bf16_rows rows, else the byte planes from u8_rows rows,
+// each only where it applies; else the int16 loop (every shape, every path). The one place that says which.
+int pick_loop(int64_t isa, int64_t M, int64_t K, int64_t G, int out_kind, int64_t bf16_rows, int64_t u8_rows) {
+  if (isa == ISA_AVX512BF16 && out_kind == OUT_BF16 && G == 1 && M >= std::max<int64_t>(1, bf16_rows))
+    return LOOP_BF16;
+  if ((isa == ISA_AVX512VNNI || isa == ISA_AVX512BF16) && G == 1 && K >= 64 && K % 64 == 0 && K <= U8_MAX_K &&
+      M >= std::max<int64_t>(1, u8_rows))
+    return LOOP_U8;
+  return LOOP_INT16;
+}
+
+int out_kind_of(at::ScalarType dtype) {
+  if (dtype == at::kBFloat16) return OUT_BF16;
+  if (dtype == at::kHalf) return OUT_F16;
+  TORCH_CHECK(dtype == at::kFloat, "int8_mm: activations must be bf16, fp16 or fp32, got ", dtype);
+  return OUT_F32;
+}
+
+// pick_loop for Python: the plan asks which loops a shape can run (each forced in turn), and which one the
+// default bounds pick, without running anything.
+std::string loop_for(int64_t isa, int64_t M, int64_t K, int64_t G, const std::string& dtype, int64_t bf16_rows,
+                     int64_t u8_rows) {
+  TORCH_CHECK(isa >= 0 && isa <= ISA_MAX, "loop_for: isa 0..", ISA_MAX);
+  const int out_kind = dtype == "bfloat16" ? OUT_BF16 : dtype == "float16" ? OUT_F16 : OUT_F32;
+  TORCH_CHECK(out_kind != OUT_F32 || dtype == "float32", "loop_for: dtype bfloat16, float16 or float32, got ", dtype);
+  return LOOP_NAMES[pick_loop(isa, M, K, G, out_kind, bf16_rows, u8_rows)];
 }
 
 at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, int64_t block, int64_t bf16_rows,
@@ -883,16 +930,10 @@ at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, in
               " is not supported by this CPU (best: ", ISA_NAMES[best_isa()], ")");
 
   const auto out_dtype = x.scalar_type();
-  int out_kind;
-  if (out_dtype == at::kBFloat16) out_kind = OUT_BF16;
-  else if (out_dtype == at::kHalf) out_kind = OUT_F16;
-  else if (out_dtype == at::kFloat) out_kind = OUT_F32;
-  else TORCH_CHECK(false, "int8_mm: activations must be bf16, fp16 or fp32, got ", out_dtype);
-  if (isa == ISA_AVX512BF16 && out_kind == OUT_BF16 && G == 1 && M >= std::max<int64_t>(1, bf16_rows) && N > 0)
-    return bf16_mm(x, w, scale);
-  if ((isa == ISA_AVX512VNNI || isa == ISA_AVX512BF16) && G == 1 && K >= 64 && K % 64 == 0 && K <= U8_MAX_K &&
-      M >= std::max<int64_t>(1, u8_rows) && N > 0)
-    return u8_mm(x, w, scale, out_kind);
+  const int out_kind = out_kind_of(out_dtype);
+  const int loop = pick_loop(isa, M, K, G, out_kind, bf16_rows, u8_rows);
+  if (loop == LOOP_BF16 && N > 0) return bf16_mm(x, w, scale);
+  if (loop == LOOP_U8 && N > 0) return u8_mm(x, w, scale, out_kind);
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
 
@@ -926,26 +967,12 @@ at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, in
       quantize_rows(p, xp, x_kind, const_cast<int16_t*>(p.xq), const_cast<float*>(p.sx), m0, m1);
     });
 
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    // chunk of output rows: a share of N per thread, at most ~256 KiB of weights (L2-resident while the row
-    // tiles of M pass over it), a multiple of 8 (the widest register tile)
-    // (with one row tile, M <= 4, nothing is reused: a plain share per thread)
-    int64_t nc = (N + threads - 1) / threads;
-    if (M > 4) nc = std::min<int64_t>(nc, std::max<int64_t>(8, (256 << 10) / K));
-    nc = std::max<int64_t>(8, (nc + 7) / 8 * 8);
-    const int64_t n_chunks = (N + nc - 1) / nc;
-    // N too small for the threads: split the rows M as well (in multiples of the 4-row tile)
-    int64_t m_chunks = 1;
-    if (n_chunks < threads && M > 4) m_chunks = std::min((threads + n_chunks - 1) / n_chunks, (M + 3) / 4);
-    const int64_t mc = ((M + m_chunks - 1) / m_chunks + 3) / 4 * 4;
-    m_chunks = (M + mc - 1) / mc;
-    const int64_t items = n_chunks * m_chunks;
-    // tiny problems run on the calling thread (a parallel region costs microseconds)
-    const int64_t grain = M * N * K < (int64_t(1) << 18) ? items : 1;
-    at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    // ~256 KiB of weights per chunk, register tiles of up to 4 rows x 8 weight rows
+    const Split sp = split_work(M, N, K, 256 << 10, 4, 8);
+    at::parallel_for(0, sp.items, sp.grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t ni = i / m_chunks, mi = i % m_chunks;
-        run_range(p, int(isa), mi * mc, std::min(M, (mi + 1) * mc), ni * nc, std::min(N, (ni + 1) * nc));
+        const int64_t ni = i / sp.m_chunks, mi = i % sp.m_chunks;
+        run_range(p, int(isa), mi * sp.mc, std::min(M, (mi + 1) * sp.mc), ni * sp.nc, std::min(N, (ni + 1) * sp.nc));
       }
     });
   }
@@ -965,6 +992,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scale"), pybind11::arg("isa") = -1,
         pybind11::arg("block") = 256, pybind11::arg("bf16_rows") = BF16_MIN_ROWS,
         pybind11::arg("u8_rows") = U8_MIN_ROWS);
+  m.def("loop_for", &loop_for, "the inner loop int8_mm runs for M rows of K inputs with G scale columns",
+        pybind11::arg("isa"), pybind11::arg("m"), pybind11::arg("k"), pybind11::arg("groups"),
+        pybind11::arg("dtype"), pybind11::arg("bf16_rows") = BF16_MIN_ROWS, pybind11::arg("u8_rows") = U8_MIN_ROWS);
   m.def("best_isa", &best_isa,
         "the best ISA path this CPU runs: 0 scalar, 1 avx2, 2 avx512bw, 3 avx512vnni, 4 avx512bf16");
   m.def("isa_name", &isa_name);
