@@ -4,8 +4,12 @@ fastest on this machine, with the worker's torch thread count, timed beside vLLM
 Buckets of rows M (tokens in the batch): 1 | 2-4 | 5-16 | 17-64 | 65+. Batch-1 decode is pure weight streaming;
 2-4 rows are still bound by the weight reads (the compiled kernel's register tiles hold 3-4 rows); 5-16 and
 17-64 are where integer dot products and a vendor GEMM trade places as compute grows; 65+ is prefill, bound by
-compute. Each bucket is timed at its top row count (1, 4, 16, 64; 256 for prefill), where the memory-bound
-kernels look worst within it.
+compute. Each bucket is timed at both ends (1; 2 and 4; 5 and 16; 17 and 64; 65 and 256 for prefill), and a
+kernel's time for the bucket is the sum of its two medians: the compiled kernel's loops cross over inside buckets
+(the byte planes lose to the int16 loop at 2 rows and may beat it at 4), so one end alone can pick a loop that
+loses the other. Each call reads its own copy of the weights, cycled through more than the CPU's last-level cache,
+as a served model's weights are (a 1B model's are 40x an L3 of 32 MiB): one copy timed over and over sits in L3 and
+favours the kernels that read weights slowly from memory.
 
 Candidates: the compiled kernel once per inner loop that applies here ("cpp:int16", "cpp:u8", "cpp:bf16";
 cpp_kernel.loops), forced at every row count, and the pure-torch paths. The extension's own row bounds between its
@@ -32,6 +36,8 @@ that count (``measure_at``); ``measure`` itself refuses a second count for a sha
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import logging
 import os
@@ -39,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -53,7 +60,9 @@ PATHS = ("cpp", "dequant", "int8pack")
 # what a plan names per bucket: the compiled kernel with one inner loop forced, or a pure-torch path
 KERNELS = tuple(f"cpp:{loop}" for loop in cpp_kernel.LOOPS) + PATHS[1:]
 BUCKETS = ("1", "2-4", "5-16", "17-64", "65+")
-ROWS = (1, 4, 16, 64, 256)  # the row count each bucket is timed at
+ROWS = (1, 4, 16, 64, 256)  # the row counts each bucket is timed at: its top...
+LOW_ROWS = (1, 2, 5, 17, 65)  # ...and its bottom
+COPIES_MAX = 64  # weight copies cycled per kernel, at most (tiny shapes; see cycle_bytes)
 INCUMBENT_MARGIN = 0.10  # a challenger must be this much faster (median) to replace the incumbent
 BUDGET_S = 0.03  # timed seconds per bucket, all candidates together...
 MIN_REPS, MAX_REPS = 3, 40  # ...within these call counts per candidate (the warm-up's second call counts)
@@ -134,6 +143,23 @@ def _vllm_bf16_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Te
     return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 
+@functools.lru_cache(maxsize=None)
+def cycle_bytes() -> int:
+    """Bytes of weight copies to cycle through: twice the largest CPU cache (sysfs), 64 MiB where it is unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        try:
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except ValueError:
+            continue
+    return 2 * max(sizes) if sizes else 64 << 20
+
+
+def _copies(nbytes: int) -> int:
+    return max(1, min(COPIES_MAX, -(-cycle_bytes() // max(nbytes, 1))))
+
+
 def _median_ms(fns: dict[str, Callable[[], object]], keep: tuple[str, ...]) -> dict[str, float]:
     """Median ms per function: one warm-up call each, then rounds of one call each, the order rotating. A call
     longer than SLOW_S is its own warm-up (its one-off costs are small beside it). Not repeated, so that a slow
@@ -171,8 +197,9 @@ def in_process(n: int, k: int, threads: int) -> bool:
 
 def measure(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
             paths: tuple[str, ...] | None = None) -> dict[str, list[float]]:
-    """Median ms per bucket of each candidate path and of vLLM's bf16 linear ("vllm_bf16") on this weight, with this
-    process's torch thread count: the one count per shape that this process times vLLM's bf16 linear at."""
+    """Per bucket, the sum of the medians at its two ends (ms) of each candidate and of vLLM's bf16 linear
+    ("vllm_bf16") on this weight and its copies, with this process's torch thread count: the one count per shape
+    that this process times vLLM's bf16 linear at."""
     n, k = weight.shape
     threads = torch.get_num_threads()
     first = _REFERENCE_THREADS.setdefault((n, k), threads)
@@ -182,15 +209,24 @@ def measure(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                            f"fresh process (cpu_plan.measure_at, or normswap int8-plan --threads {threads})")
     paths = paths or candidates(k, scale.shape[1], dtype)
     held = incumbents(k, scale.shape[1], dtype, paths)
-    reference = _vllm_bf16_linear(torch.cat([dequantize(weight[i:i + 4096], scale[i:i + 4096], dtype)
-                                             for i in range(0, n, 4096)]))
+    weights = [weight] + [weight.clone() for _ in range(_copies(n * k) - 1)]
+    dense = torch.cat([dequantize(weight[i:i + 4096], scale[i:i + 4096], dtype) for i in range(0, n, 4096)])
+    references = [_vllm_bf16_linear(dense)] + [_vllm_bf16_linear(dense.clone())
+                                               for _ in range(_copies(2 * n * k) - 1)]
+    weight_copies, reference_copies = itertools.cycle(weights), itertools.cycle(references)
     gen = torch.Generator().manual_seed(n * 1_000_003 + k)
     out: dict[str, list[float]] = {name: [] for name in (*paths, "vllm_bf16")}
-    for rows, incumbent in zip(ROWS, held):
-        x = torch.randn(rows, k, generator=gen).to(dtype)
-        fns = {name: (lambda f=kernel(name): f(x, weight, scale)) for name in paths}
-        fns["vllm_bf16"] = lambda: reference(x)
-        for name, ms in _median_ms(fns, keep=(incumbent, "vllm_bf16")).items():
+    for top, low, incumbent in zip(ROWS, LOW_ROWS, held):
+        total = dict.fromkeys(out, 0.0)
+        for rows in sorted({low, top}):
+            x = torch.randn(rows, k, generator=gen).to(dtype)
+            # one cycle for every candidate: each call reads the copy after the previous call's, never the one a
+            # kernel timed just before it left in cache (that made the byte planes look 2x faster at one row)
+            fns = {name: (lambda f=kernel(name): f(x, next(weight_copies), scale)) for name in paths}
+            fns["vllm_bf16"] = lambda: next(reference_copies)(x)
+            for name, ms in _median_ms(fns, keep=(incumbent, "vllm_bf16")).items():
+                total[name] += ms
+        for name, ms in total.items():
             out[name].append(ms)
     return out
 
