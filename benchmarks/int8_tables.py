@@ -53,7 +53,7 @@ def plan_note(plans: dict) -> str:
     for t, rows in plans.items():
         cells = [f"{r['layer']} {'/'.join(r['buckets'].values())}" for r in rows if r["buckets"]]
         parts.append(f"{t} thr: " + (", ".join(cells) or "not in the plan cache"))
-    return (f"int8 kernel plan (path per row bucket {' | '.join(BUCKETS)}, measured by the workers; result file "
+    return (f"int8 kernel plan (kernel per row bucket {' | '.join(BUCKETS)}, measured by the workers; result file "
             f"key int8_plan): " + "; ".join(parts) + ".")
 
 
