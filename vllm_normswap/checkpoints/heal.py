@@ -331,6 +331,13 @@ def run(args) -> int:
                     args.lm_weight, args.eval_steps, args.eval_windows, args.patience, args.logging_steps, args.seed)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log rows; stdout is for the JSON
         summary = heal(args.student, args.teacher, args.dst, args.corpus, spec, not args.no_progress)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # under accelerate launch: every rank waits for the main one's files, then leaves the process group. A rank
+        # that exits with the group alive can abort in gloo's threads at interpreter exit ("terminate called
+        # without an active exception", SIGABRT: one CI run of test_two_processes_match_one, 2026-12-07;
+        # pytorch/pytorch#190489). Only after a run that succeeded: a failed rank would block the others here.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if summary:
         print(json.dumps(summary))
     return 0
