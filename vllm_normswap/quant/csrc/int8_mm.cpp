@@ -785,7 +785,6 @@ int64_t block_len(int64_t K, int64_t G, int64_t block) {
   return 1;
 }
 
-// y = x @ (w * scale)^T in bf16 dot products (the AVX512-BF16 path; bf16 x, per-channel or per-tensor scale).
 // How the int16 and byte-plane loops split a call over the torch threads: work items of nc output rows (weight
 // rows) by mc activation rows, item i = (i / m_chunks, i % m_chunks). A chunk is a share of N per thread, at most
 // chunk_bytes of int8 weights (L2-resident while the row tiles of M pass over it), a multiple of the tile width nr;
@@ -812,6 +811,7 @@ Split split_work(int64_t M, int64_t N, int64_t K, int64_t chunk_bytes, int64_t m
   return sp;
 }
 
+// y = x @ (w * scale)^T in bf16 dot products (the AVX512-BF16 path; bf16 x, per-channel or per-tensor scale).
 at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto out = at::empty({M, N}, x.options());
