@@ -228,7 +228,9 @@ def kernel_ms(cfg: dict, quant: bool, int8_head: bool = False, reps: int = 20) -
 
     def kernels(make, n: int, k: int, bytes_per_weight: int):
         x = torch.randn(1, k).to(torch.bfloat16)
-        copies = max(2, -(-(128 << 20) // (n * k * bytes_per_weight)))  # > 128 MiB in all
+        from vllm_normswap.cpuinfo import cycle_bytes
+
+        copies = max(2, -(-cycle_bytes() // (n * k * bytes_per_weight)))  # each call's weight from memory
         return [functools.partial(fn, x) for fn in [make(n, k) for _ in range(copies)]]
 
     per_layer = {}

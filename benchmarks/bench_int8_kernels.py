@@ -12,8 +12,8 @@ For each weight shape, row count M and torch thread count: the median ms of
 with --loops, cpp again with each of its inner loops forced at every row count (loop_int16, loop_u8, loop_bf16:
 those this CPU runs), the measurement behind the default row bounds in csrc/int8_mm.cpp;
 and the ratios PATH/cpp (above 1: cpp is faster); the plan a server would use is `normswap int8-plan`. Every call
-cycles through copies of the weight that together exceed the L3 cache (as in the engine, where each layer's
-weight comes from memory); warm-up calls are not timed. Shapes: hidden 2048, ffn 5632, full multi-head attention (bench_int8.py's default model).
+cycles through copies of the weight that together fill twice the largest CPU cache, as the plan's timings do
+(vllm_normswap.cpuinfo.cycle_bytes; in the engine each layer's weight comes from memory); warm-up calls are not timed. Shapes: hidden 2048, ffn 5632, full multi-head attention (bench_int8.py's default model).
 
 Each figure also as GFLOP/s and as a share of the CPU's dot-product ceiling (dot_peak.py, measured after the
 matmuls): where vLLM's bf16 linear runs near that ceiling, int8 weights cannot make a matmul faster, only smaller.
@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
+import vllm_normswap.cpuinfo as cpuinfo
+
 import bench_int8  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
 import dot_peak  # noqa: E402
 import machine  # noqa: E402
 
 SHAPES = {"qkv": (3 * 2048, 2048), "o": (2048, 2048), "gate_up": (2 * 5632, 2048), "down": (2048, 5632)}
-CYCLE_BYTES = 128 << 20  # weights cycled per kernel: well above the L3 of the CPUs we run on (<= ~100 MiB)
 
 
 def median_ms(fns: list, seconds: float) -> float:
@@ -124,11 +125,11 @@ def timed_rows(a, threads: int, isa: int) -> list[dict]:
     rows = []
     for name in a.shapes.split(","):
         n, k = SHAPES[name]
-        copies = max(2, -(-CYCLE_BYTES // (n * k)))
+        copies = max(2, -(-cpuinfo.cycle_bytes() // (n * k)))
         weights = [quantize(torch.randn(n, k).to(torch.bfloat16) * 0.02, a.granularity, 128)
                    for _ in range(copies)]
         bf16 = [bench_int8.vllm_bf16_linear(n, k)
-                for _ in range(max(2, -(-CYCLE_BYTES // (2 * n * k))))] if a.bf16 else []
+                for _ in range(max(2, -(-cpuinfo.cycle_bytes() // (2 * n * k))))] if a.bf16 else []
         for m in (int(v) for v in a.ms.split(",")):
             x = torch.randn(m, k).to(torch.bfloat16)
             row = {"shape": name, "n": n, "k": k, "m": m, "threads": threads}
@@ -169,8 +170,9 @@ def ceiling_table(result: dict, args: str) -> dict:
         "notes": (f"GFLOP/s (2 per multiply-add) and, in brackets, the share of the ceiling: the {op} peak of "
                   f"dot_peak.py (GFLOP/s, all threads at once: {peaks}). Where vLLM's bf16 matmul is near "
                   f"100%, no W8A16 kernel can be much faster: its dot products cannot be fewer or faster than "
-                  f"bf16's, and widening int8 weights costs instructions on top. Weights cycled through more "
-                  f"than L3; median of calls after warm-up."),
+                  f"bf16's, and widening int8 weights costs instructions on top. Weights cycled through twice "
+                  f"the largest CPU cache ({cpuinfo.cycle_bytes() >> 20} MiB in all); median of calls after "
+                  f"warm-up."),
         "columns": ["weight", "M", "threads", "vLLM bf16 GFLOP/s (of ceiling)", "int8 GFLOP/s (of ceiling)",
                     "int8 / bf16 (speed)"],
         "rows": rows,

@@ -36,7 +36,6 @@ that count (``measure_at``); ``measure`` itself refuses a second count for a sha
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import logging
@@ -45,11 +44,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+import vllm_normswap.cpuinfo as cpuinfo
 import vllm_normswap.quant.cpp_kernel as cpp_kernel
 import vllm_normswap.quant.plan_cache as plan_cache
 from vllm_normswap.logs import plugin_logger
@@ -62,7 +61,7 @@ KERNELS = tuple(f"cpp:{loop}" for loop in cpp_kernel.LOOPS) + PATHS[1:]
 BUCKETS = ("1", "2-4", "5-16", "17-64", "65+")
 ROWS = (1, 4, 16, 64, 256)  # the row counts each bucket is timed at: its top...
 LOW_ROWS = (1, 2, 5, 17, 65)  # ...and its bottom
-COPIES_MAX = 64  # weight copies cycled per kernel, at most (tiny shapes; see cycle_bytes)
+COPIES_MAX = 64  # weight copies cycled per kernel, at most (tiny shapes; see cpuinfo.cycle_bytes)
 INCUMBENT_MARGIN = 0.10  # a challenger must be this much faster (median) to replace the incumbent
 BUDGET_S = 0.03  # timed seconds per bucket, all candidates together...
 MIN_REPS, MAX_REPS = 3, 40  # ...within these call counts per candidate (the warm-up's second call counts)
@@ -143,21 +142,8 @@ def _vllm_bf16_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Te
     return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 
-@functools.lru_cache(maxsize=None)
-def cycle_bytes() -> int:
-    """Bytes of weight copies to cycle through: twice the largest CPU cache (sysfs), 64 MiB where it is unknown."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip().upper()
-        try:
-            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
-        except ValueError:
-            continue
-    return 2 * max(sizes) if sizes else 64 << 20
-
-
 def _copies(nbytes: int) -> int:
-    return max(1, min(COPIES_MAX, -(-cycle_bytes() // max(nbytes, 1))))
+    return max(1, min(COPIES_MAX, -(-cpuinfo.cycle_bytes() // max(nbytes, 1))))
 
 
 def _median_ms(fns: dict[str, Callable[[], object]], keep: tuple[str, ...]) -> dict[str, float]:
