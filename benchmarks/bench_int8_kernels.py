@@ -9,7 +9,7 @@ For each weight shape, row count M and torch thread count: the median ms of
 - int8pack (with --int8pack): torch's _weight_int8pack_mm, the decode path without a compiler;
 - bf16: vLLM's own CPU bf16 linear (dispatch_cpu_unquantized_gemm, as vLLM's UnquantizedLinearMethod sets it up
   and as benchmarks/bench_int8.py times it);
-with --loops, cpp again with each of its inner loops forced at every row count (loop_int16, loop_u8, loop_bf16:
+with --loops, cpp again with each of its inner loops forced at every row count (loop_int16, loop_u8, loop_panel:
 those this CPU runs), the measurement behind the default row bounds in csrc/int8_mm.cpp;
 and the ratios PATH/cpp (above 1: cpp is faster); the plan a server would use is `normswap int8-plan`. Every call
 cycles through copies of the weight that together fill twice the largest CPU cache, as the plan's timings do
@@ -136,7 +136,7 @@ def timed_rows(a, threads: int, isa: int) -> list[dict]:
             row["cpp_ms"] = median_ms([lambda q=q, s=s: cpp_kernel.int8_mm(x, q, s, isa) for q, s in weights],
                                       a.seconds)
             # each inner loop this CPU runs for the shape, forced (cpp_kernel.loops: what the plan times)
-            for loop in cpp_kernel.loops(k, weights[0][1].shape[1], x.dtype, isa) if a.loops else ():
+            for loop in cpp_kernel.loops(k, weights[0][1].shape[1], isa) if a.loops else ():
                 row[f"loop_{loop}_ms"] = median_ms(
                     [lambda q=q, s=s, f=cpp_kernel.loop_mm(loop): f(x, q, s, isa) for q, s in weights], a.seconds)
             for path, fn in others.items():

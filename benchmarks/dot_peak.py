@@ -10,7 +10,7 @@ Per instruction this CPU has (checked with __builtin_cpu_supports, so a flag the
 - vpdpbusd: uint8 x int8 quads into int32 (AVX512-VNNI), 64 multiply-adds each, the instruction of our byte-plane
   loop, which needs two of them (high and low byte of the 16-bit activation) per 64 W8A16 multiply-adds: its
   W8A16 ceiling is half the figure;
-- vdpbf16ps: bf16 pairs into fp32 (AVX512-BF16), what oneDNN's bf16 matmul and our bf16 loop run on here.
+- vdpbf16ps: bf16 pairs into fp32 (AVX512-BF16), what oneDNN's bf16 matmul runs on here.
 Twelve independent accumulators per thread (more than latency x throughput on every core seen), one thread per
 core, all threads at once, each pinned to its core; GFLOP/s counts a multiply-add as 2. The best of three
 repetitions: the ceiling is what the unit can do, so a repetition slowed by a neighbour does not count.

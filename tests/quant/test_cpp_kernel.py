@@ -10,14 +10,10 @@ Tolerance, per output element (float64 reference y = x @ W_hat^T, W_hat = q * sc
 - the output rounding: half an ulp of the output dtype, bounded by 2^-8 |y| (bf16), 2^-11 |y| (fp16), 2^-23 |y|
   (fp32).
 
-The byte-plane loop of the VNNI paths (per-channel scales, K a multiple of 64, U8_MIN_ROWS rows and more) quantizes
-per row instead of per block: the same bound with the block as long as the row; its integer sums and their
-combination are exact, the scaling is in float64.
-
-The avx512bf16 path's bf16 dot products (bf16 activations, per-channel scales, BF16_MIN_ROWS rows and more) have
-no activation quantization at all: the int8 weight is exact in bf16, the bf16 activation is used as it comes, each
-product is exact in fp32; what remains is the fp32 accumulation of K products, one rounding each (at most
-(K + 2) 2^-24 sum |x W| with the scale multiplication and the lane sums), and the bf16 output rounding.
+The byte-plane loops of the VNNI path (per-channel scales, K a multiple of 64; U8_MIN_ROWS rows and more, in
+16-row panels from PANEL_MIN_ROWS) quantize per row instead of per block: the same bound with the block as long as
+the row; their integer sums and the sums' combination are exact, the scaling is in float64. Both loops do the
+same arithmetic in the same order with the operands the other way round, so they must agree bit for bit.
 """
 
 from __future__ import annotations
@@ -48,34 +44,26 @@ def bound(x: torch.Tensor, w_hat: torch.Tensor, block: int, want: torch.Tensor, 
     return (xm / 65534) @ aw + 1e-5 * (xd @ aw) + OUT_REL[dtype] * want.abs() + 1e-30
 
 
-def bound_bf16_dots(x: torch.Tensor, w_hat: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    """The bf16 dot products' bound of the module docstring."""
-    return (x.shape[1] + 4) * 2.0 ** -24 * (x.double().abs() @ w_hat.abs().t()) + OUT_REL[torch.bfloat16] * want.abs()
-
-
-def uses_bf16_dots(x, scale, isa, bf16_rows) -> bool:
-    return (isa == "avx512bf16" and x.dtype == torch.bfloat16 and scale.shape[1] == 1
-            and x.shape[0] >= bf16_rows)
-
-
-def uses_byte_planes(x, scale, isa, bf16_rows, u8_rows) -> bool:
+def planes_apply(x, scale, isa) -> bool:
+    """Where either byte-plane loop can run (the module docstring)."""
     k = x.shape[1]
-    return (isa in ("avx512vnni", "avx512bf16") and scale.shape[1] == 1 and k % 64 == 0 and 64 <= k <= 65536
-            and x.shape[0] >= u8_rows and not uses_bf16_dots(x, scale, isa, bf16_rows))
+    return isa == "avx512vnni" and scale.shape[1] == 1 and k % 64 == 0 and 64 <= k <= 65536
 
 
-def check(x, q, scale, isa, block=BLOCK, bf16_rows=None, u8_rows=None):
-    bf16_rows = ext.BF16_MIN_ROWS if bf16_rows is None else bf16_rows
+def uses_byte_planes(x, scale, isa, panel_rows, u8_rows) -> bool:
+    return planes_apply(x, scale, isa) and x.shape[0] >= min(max(1, panel_rows), max(1, u8_rows))
+
+
+def check(x, q, scale, isa, block=BLOCK, panel_rows=None, u8_rows=None):
+    panel_rows = ext.PANEL_MIN_ROWS if panel_rows is None else panel_rows
     u8_rows = ext.U8_MIN_ROWS if u8_rows is None else u8_rows
-    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index(isa), block, bf16_rows, u8_rows)
+    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index(isa), block, panel_rows, u8_rows)
     w_hat = dequantize(q, scale.expand(q.shape[0], scale.shape[1]), torch.float64)
     want = x.double() @ w_hat.t()
     assert got.dtype == x.dtype and got.shape == want.shape
     gs = q.shape[1] // scale.shape[1]
     err = (got.double() - want).abs()
-    if uses_bf16_dots(x, scale, isa, bf16_rows):
-        lim = bound_bf16_dots(x, w_hat, want) + 1e-30
-    elif uses_byte_planes(x, scale, isa, bf16_rows, u8_rows):
+    if uses_byte_planes(x, scale, isa, panel_rows, u8_rows):
         lim = bound(x, w_hat, x.shape[1], want, x.dtype)
     else:
         lim = bound(x, w_hat, gs if scale.shape[1] > 1 else block, want, x.dtype)
@@ -199,7 +187,7 @@ def test_byte_planes_at_every_row_count_and_odd_shapes(threads):
                 q, scale = weights(n, k, gran, i)
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(300 + i)).to(dtype)
                 assert uses_byte_planes(x, scale, "avx512vnni", 10 ** 9, 1)
-                check(x, q, scale if dtype != torch.float16 else scale.half(), "avx512vnni", bf16_rows=10 ** 9,
+                check(x, q, scale if dtype != torch.float16 else scale.half(), "avx512vnni", panel_rows=10 ** 9,
                       u8_rows=1)
     finally:
         torch.set_num_threads(before)
@@ -221,10 +209,15 @@ def test_byte_planes_run_only_where_they_apply():
     assert not torch.equal(ext.int8_mm(x, q2, scale2, 3), ext.int8_mm(x, q2, scale2, 2))
 
 
+# (panel_rows, u8_rows) forcing each byte-plane loop at every row count
+PLANE_LOOPS = {"u8": (10 ** 9, 1), "panel": (1, 10 ** 9)}
+
+
 @VNNI_ONLY
+@pytest.mark.parametrize("loop", PLANE_LOOPS)
 @pytest.mark.parametrize("k", [4096, 4160])
 @pytest.mark.parametrize("sign", [1, -1])
-def test_byte_planes_extreme_sums_are_exact(k, sign):
+def test_byte_planes_extreme_sums_are_exact(loop, k, sign):
     """The largest sums the byte planes can meet: every activation at the row's maximum (x_q + 32768 = 65535 or
     1) against weights of -128 or 127: 256 H + L reaches 65535 * 128 * K, past int32 from K = 256 (a combination of
     the planes in int32 before the lane sum overflows here, with the sign flipped). The result must be exact
@@ -235,13 +228,14 @@ def test_byte_planes_extreme_sums_are_exact(k, sign):
     x = torch.full((5, k), 3.0 * sign)
     x[1] = -x[1]
     x[2, ::2] = 0.0  # half the row at x_q = 0 (x_q + 32768 = 32768): both planes' bytes vary
-    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index("avx512vnni"), BLOCK, 10 ** 9, 1)
+    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index("avx512vnni"), BLOCK, *PLANE_LOOPS[loop])
     want = x.double() @ (q.double() * 1e-3).t()
     assert torch.allclose(got.double(), want, rtol=2.0 ** -23, atol=0), float((got.double() - want).abs().max())
 
 
 @VNNI_ONLY
-def test_byte_planes_outlier_rows_stay_below_the_weight_error():
+@pytest.mark.parametrize("loop", PLANE_LOOPS)
+def test_byte_planes_outlier_rows_stay_below_the_weight_error(loop):
     """A row with one activation 10 to 10^4 times the others (the outliers this project is about) gets one scale
     for the whole row, so its small activations are rounded coarser than in the int16 loop's blocks. The error
     that adds must stay well below what int8 weights cost anyway: per row, the rms error against float64 of the
@@ -258,83 +252,82 @@ def test_byte_planes_outlier_rows_stay_below_the_weight_error():
     x = x.to(torch.bfloat16).float()  # fp32 in and out: the output rounding does not hide the kernel's error
     exact = x.double() @ w_hat.t()
     weight_err = (exact - x.double() @ w.double().t()).pow(2).mean(1).sqrt()
-    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index("avx512vnni"), BLOCK, 10 ** 9, 1)
+    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index("avx512vnni"), BLOCK, *PLANE_LOOPS[loop])
     kernel_err = (got.double() - exact).pow(2).mean(1).sqrt()
     assert bool((kernel_err < 0.2 * weight_err).all()), (kernel_err / weight_err).tolist()
 
 
-BF16_ONLY = pytest.mark.skipif("avx512bf16" not in ISAS, reason="no AVX512-BF16 here")
-
-
-@BF16_ONLY
+@VNNI_ONLY
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bf16_dot_products_at_every_row_count_and_odd_shapes(threads):
-    """The bf16 inner loop forced from one row on (bf16_rows=1): odd M (register-tile tails), N (weight-row tails),
-    K (zero-padded tails), per-channel and per-tensor scales, on 1 and 2 threads."""
+def test_byte_plane_panels_match_the_byte_plane_loop_bitwise(threads):
+    """The panel loop forced from one row on (panel_rows=1) against the byte-plane loop forced likewise: the same
+    bits at odd M (an empty panel's lanes: 1, 15, 17, 33, 130), odd N (weight-row tails that are copied: 3, 9, 257,
+    1031), K from one 64-step to 4160, several weight chunks per thread and the next one prefetched (1031 x 2048),
+    rows split across threads where N is small (130 x 9), bf16/fp32/fp16 activations, per-channel and per-tensor
+    scales, 1 and 2 threads; and within the byte planes' bound against float64."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    vnni = cpp_kernel.ISAS.index("avx512vnni")
     try:
-        for i, (m, n, k) in enumerate([(1, 3, 40), (3, 257, 520), (7, 17, 2050), (17, 1031, 64), (65, 129, 160),
-                                       (13, 5, 33), (130, 66, 1000)]):
-            for gran in ("channel", "tensor"):
+        for i, (m, n, k) in enumerate([(1, 3, 64), (15, 257, 192), (17, 16, 1024), (33, 1031, 2048), (7, 9, 4096),
+                                       (16, 66, 64), (130, 9, 512), (40, 129, 320), (20, 41, 4160)]):
+            for gran, dtype in (("channel", torch.bfloat16), ("tensor", torch.bfloat16),
+                                ("channel", torch.float32), ("channel", torch.float16)):
                 q, scale = weights(n, k, gran, i)
-                x = torch.randn(m, k, generator=torch.Generator().manual_seed(200 + i)).to(torch.bfloat16)
-                check(x, q, scale, "avx512bf16", bf16_rows=1)
+                scale = scale if dtype != torch.float16 else scale.half()
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(500 + i)).to(dtype)
+                got = check(x, q, scale, "avx512vnni", panel_rows=1, u8_rows=10 ** 9)
+                assert torch.equal(got, ext.int8_mm(x, q, scale, vnni, BLOCK, *PLANE_LOOPS["u8"])), (m, n, k, gran)
     finally:
         torch.set_num_threads(before)
 
 
-@BF16_ONLY
-def test_bf16_path_runs_the_integer_kernel_where_bf16_dots_do_not_apply():
-    """Below BF16_MIN_ROWS rows, for fp32 activations and for per-group scales the avx512bf16 path is the VNNI
-    one, bit for bit; from BF16_MIN_ROWS bf16 rows on it is not (no activation quantization)."""
-    rows = ext.BF16_MIN_ROWS
-    q, scale = weights(257, 520, "channel", 9)
-    qg, scale_g = weights(257, 512, "group", 9, 128)
-    for x, w, s in [(torch.randn(rows - 1, 520).to(torch.bfloat16), q, scale), (torch.randn(rows, 520), q, scale),
-                    (torch.randn(rows, 512).to(torch.bfloat16), qg, scale_g)]:
-        assert torch.equal(ext.int8_mm(x, w, s, 4), ext.int8_mm(x, w, s, 3))
-    x = torch.randn(rows, 520).to(torch.bfloat16)
-    assert not torch.equal(ext.int8_mm(x, q, scale, 4), ext.int8_mm(x, q, scale, 3))
+@VNNI_ONLY
+def test_byte_plane_panels_keep_zero_and_non_finite_rows():
+    """In a panel, a zero row gives exact zeros and a row with inf or NaN gives NaN, without touching its
+    neighbours in the same panel."""
+    q, scale = weights(24, 256, "channel", 11)
+    x = torch.randn(20, 256).to(torch.bfloat16)
+    x[0] = 0
+    x[3, 5] = float("inf")
+    x[17, 9] = float("nan")
+    got = ext.int8_mm(x, q, scale, cpp_kernel.ISAS.index("avx512vnni"), BLOCK, *PLANE_LOOPS["panel"])
+    assert bool((got[0] == 0).all()) and bool(got[3].isnan().all()) and bool(got[17].isnan().all())
+    rest = [i for i in range(20) if i not in (0, 3, 17)]
+    assert bool(got[rest].isfinite().all())
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_each_loop_the_plan_can_force_is_where_it_applies_and_within_its_bound(isa):
     """cpp_kernel.loops (what the plan times) and default_loop (its incumbents) ask the extension which inner loop
-    runs; this test states independently where each applies (uses_bf16_dots, uses_byte_planes), over activation
-    dtypes, scale granularities, K on and off the byte planes' 64-multiple, and row counts about the default
-    bounds. Each loop the plan can name, forced through loop_mm at odd shapes, stays within that loop's bound."""
+    runs; this test states independently where each applies (planes_apply), over activation dtypes, scale
+    granularities, K on and off the byte planes' 64-multiple, and row counts about the default bounds. Each loop the plan can name, forced through loop_mm at odd shapes, stays within that loop's bound."""
     code = cpp_kernel.ISAS.index(isa)
-    never = 10 ** 9
     for dtype, (gran, group), k in itertools.product((torch.bfloat16, torch.float32, torch.float16),
                                                     (("channel", None), ("group", 8)), (192, 520)):
         q, scale = weights(9, k, gran, k, group)
         scale = scale.to(dtype)
         g = scale.shape[1]
         x1 = torch.ones(1, k, dtype=dtype)
-        want = ["int16"]
-        if uses_byte_planes(x1, scale, isa, never, 1):
-            want.append("u8")
-        if uses_bf16_dots(x1, scale, isa, 1):
-            want.append("bf16")
-        assert cpp_kernel.loops(k, g, dtype, code) == tuple(want), (isa, dtype, gran, k)
-        for m in (1, 4, 5, 16, 64, 65, 256):
+        want = ("int16", "u8", "panel") if planes_apply(x1, scale, isa) else ("int16",)
+        assert cpp_kernel.loops(k, g, code) == want, (isa, dtype, gran, k)
+        for m in (1, 4, 5, 16, 17, 64, 65, 256):
             xm = torch.ones(m, k, dtype=dtype)
-            expect = ("bf16" if uses_bf16_dots(xm, scale, isa, ext.BF16_MIN_ROWS)
-                      else "u8" if uses_byte_planes(xm, scale, isa, ext.BF16_MIN_ROWS, ext.U8_MIN_ROWS) else "int16")
-            assert cpp_kernel.default_loop(m, k, g, dtype, code) == expect, (isa, dtype, gran, k, m)
+            expect = ("int16" if not planes_apply(xm, scale, isa) else "panel" if m >= ext.PANEL_MIN_ROWS
+                      else "u8" if m >= ext.U8_MIN_ROWS else "int16")
+            assert cpp_kernel.default_loop(m, k, g, code) == expect, (isa, dtype, gran, k, m)
     for i, (m, n, k) in enumerate([(3, 257, 192), (7, 17, 2048), (66, 5, 128)]):
         q, scale = weights(n, k, "channel", 40 + i)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(40 + i)).to(torch.bfloat16)
-        for loop in cpp_kernel.loops(k, 1, torch.bfloat16, code):
-            bf16_rows, u8_rows = cpp_kernel.LOOP_ROWS[loop]
-            got = check(x, q, scale, isa, bf16_rows=bf16_rows, u8_rows=u8_rows)
+        for loop in cpp_kernel.loops(k, 1, code):
+            panel_rows, u8_rows = cpp_kernel.LOOP_ROWS[loop]
+            got = check(x, q, scale, isa, panel_rows=panel_rows, u8_rows=u8_rows)
             assert torch.equal(cpp_kernel.loop_mm(loop)(x, q, scale, isa=code), got)
 
 
 def test_default_isa_is_the_best_that_cpu_and_torch_allow():
     """torch's capability (ATEN_CPU_CAPABILITY) caps the path: scripts/as_avx2.sh holds an AVX-512 CPU to AVX2."""
-    cap = {"AVX2": 1, "AVX512": 4}.get(torch.backends.cpu.get_cpu_capability(), ext.best_isa())
+    cap = {"AVX2": 1, "AVX512": 3}.get(torch.backends.cpu.get_cpu_capability(), ext.best_isa())
     assert cpp_kernel.default_isa() == min(ext.best_isa(), cap)
 
 

@@ -3,8 +3,8 @@ threads, directly and through torch.ops.normswap.int8_linear with the path force
 the knob itself. The measured plan that picks among them: test_cpu_plan.py.
 
 Tolerance: relative to max |y|, 0.01 (fp32/fp16/bf16 inputs, bf16 output rounding 2^-8 plus the compiled
-kernel's 16-bit activation step, at most 2^-15 of a block's or (byte planes) a row's max, or on AVX512-BF16 CPUs
-from 65 rows on its fp32 sums of exact bf16 products; test_cpp_kernel.py bounds each per element).
+kernel's 16-bit activation step, at most 2^-15 of a block's or (byte planes) a row's max; test_cpp_kernel.py
+bounds each per element).
 """
 
 from __future__ import annotations

@@ -58,9 +58,9 @@ def test_choice_keeps_the_incumbent_within_the_margin():
     ms = {"cpp": [1.0, 1.0, 1.0, 1.0, 1.0], "dequant": [2.0, 0.95, 0.85, 0.5, 1.0]}
     assert cpu_plan.choose(ms, ("cpp", "dequant")) == ("cpp", "cpp", "dequant", "dequant", "cpp")
     ms = {"cpp:int16": [1.0, 1.0, 1.0, 2.0, 3.0], "cpp:u8": [3.0, 0.95, 1.0, 1.0, 1.0],
-          "cpp:bf16": [2.0, 2.0, 0.85, 0.95, 0.8], "dequant": [9.0] * 5}
-    held = ("cpp:int16", "cpp:int16", "cpp:u8", "cpp:u8", "cpp:bf16")
-    assert cpu_plan.choose(ms, tuple(ms), held) == ("cpp:int16", "cpp:int16", "cpp:bf16", "cpp:u8", "cpp:bf16")
+          "cpp:panel": [2.0, 2.0, 0.85, 0.95, 0.8], "dequant": [9.0] * 5}
+    held = ("cpp:int16", "cpp:int16", "cpp:u8", "cpp:u8", "cpp:panel")
+    assert cpu_plan.choose(ms, tuple(ms), held) == ("cpp:int16", "cpp:int16", "cpp:panel", "cpp:u8", "cpp:panel")
 
 
 def test_incumbents_are_the_compiled_kernels_default_loops():
@@ -71,7 +71,7 @@ def test_incumbents_are_the_compiled_kernels_default_loops():
         paths = cpu_plan.candidates(k, g, dtype)
         held = cpu_plan.incumbents(k, g, dtype, paths)
         assert set(held) <= set(paths)
-        assert held == tuple(f"cpp:{cpp_kernel.default_loop(rows, k, g, dtype)}" for rows in cpu_plan.ROWS)
+        assert held == tuple(f"cpp:{cpp_kernel.default_loop(rows, k, g)}" for rows in cpu_plan.ROWS)
         assert held[0] == "cpp:int16"  # one row: the int16 loop's many weight streams, on every ISA path
 
 

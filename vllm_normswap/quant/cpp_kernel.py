@@ -25,18 +25,19 @@ import torch
 
 NAME = "normswap_int8_mm"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_mm.cpp"
-# the extension's ISA codes 0..4; avx512vnni adds the byte-plane loop from U8_MIN_ROWS rows, avx512bf16 adds bf16
-# dot products for bf16 batches of BF16_MIN_ROWS rows and more (csrc/int8_mm.cpp)
-ISAS = ("scalar", "avx2", "avx512bw", "avx512vnni", "avx512bf16")
-# the extension's inner loops (csrc/int8_mm.cpp): int16 on every path, byte planes ("u8") on the VNNI paths, bf16
-# dot products on avx512bf16; its row bounds pick one by default, the plan (cpu_plan.py) forces the one it measured
-LOOPS = ("int16", "u8", "bf16")
+# the extension's ISA codes 0..3; avx512vnni adds the byte-plane loops: from U8_MIN_ROWS rows, and in 16-row
+# panels from PANEL_MIN_ROWS rows (csrc/int8_mm.cpp)
+ISAS = ("scalar", "avx2", "avx512bw", "avx512vnni")
+# the extension's inner loops (csrc/int8_mm.cpp): int16 on every path, byte planes ("u8") and byte planes in 16-row
+# panels ("panel") on the VNNI path; its row bounds pick one by default, the plan (cpu_plan.py) forces the one it
+# measured
+LOOPS = ("int16", "u8", "panel")
 _NEVER = 1 << 62  # a row bound no call reaches
-# int8_mm's (bf16_rows, u8_rows) that make a call of any row count run the loop where it applies, else the int16
+# int8_mm's (panel_rows, u8_rows) that make a call of any row count run the loop where it applies, else the int16
 # loop (the extension's pick_loop)
-LOOP_ROWS = {"int16": (_NEVER, _NEVER), "u8": (_NEVER, 1), "bf16": (1, _NEVER)}
+LOOP_ROWS = {"int16": (_NEVER, _NEVER), "u8": (_NEVER, 1), "panel": (1, _NEVER)}
 # torch.backends.cpu.get_cpu_capability() -> the highest of our paths it allows
-_TORCH_CAP = {"DEFAULT": 0, "NO AVX": 0, "AVX2": 1, "AVX512": 4, "ZVECTOR": 0, "VSX": 0}
+_TORCH_CAP = {"DEFAULT": 0, "NO AVX": 0, "AVX2": 1, "AVX512": 3, "ZVECTOR": 0, "VSX": 0}
 FIX = "install g++ (apt-get install g++) and ninja, then run scripts/install.sh"
 
 
@@ -134,40 +135,36 @@ def default_isa() -> int:
 
 
 def int8_mm(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: int | None = None,
-            block: int = 256, bf16_rows: int | None = None, u8_rows: int | None = None) -> torch.Tensor:
+            block: int = 256, panel_rows: int | None = None, u8_rows: int | None = None) -> torch.Tensor:
     """x2 [M, K] (bf16/fp16/fp32) @ int8 weight [N, K] with scale [N, 1], [N, K/G] or [1, G] -> [M, N] in x2's
     dtype. ``isa``: an ISAS index (default ``default_isa()``); ``block``: the activation quantization block along
-    K for per-channel scales (per group: the group size); ``bf16_rows``: on the avx512bf16 path, the row count
-    from which bf16 activations take the bf16 dot products (default: the extension's BF16_MIN_ROWS); ``u8_rows``:
-    on the VNNI paths, the row count from which the byte-plane loop runs (default: U8_MIN_ROWS)."""
+    K for per-channel scales (per group: the group size); ``panel_rows`` and ``u8_rows``: on the VNNI path, the row
+    counts from which the byte planes in 16-row panels and the byte-plane loop run (defaults: the extension's
+    PANEL_MIN_ROWS and U8_MIN_ROWS)."""
     ext = loaded()
     return ext.int8_mm(x2, weight, scale, default_isa() if isa is None else isa, block,
-                       ext.BF16_MIN_ROWS if bf16_rows is None else bf16_rows,
+                       ext.PANEL_MIN_ROWS if panel_rows is None else panel_rows,
                        ext.U8_MIN_ROWS if u8_rows is None else u8_rows)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def default_loop(m: int, k: int, groups: int, dtype: torch.dtype, isa: int | None = None) -> str:
+def default_loop(m: int, k: int, groups: int, isa: int | None = None) -> str:
     """The inner loop the extension's own row bounds pick for M rows of K inputs with ``groups`` scale columns."""
-    return loaded().loop_for(default_isa() if isa is None else isa, m, k, groups, _dtype_name(dtype))
+    return loaded().loop_for(default_isa() if isa is None else isa, m, k, groups)
 
 
-def loops(k: int, groups: int, dtype: torch.dtype, isa: int | None = None) -> tuple[str, ...]:
-    """The inner loops this CPU can run for K inputs with ``groups`` scale columns and these activations: each
+def loops(k: int, groups: int, isa: int | None = None) -> tuple[str, ...]:
+    """The inner loops this CPU can run for K inputs with ``groups`` scale columns (any activation dtype): each
     loop forced in turn, as the extension falls through where one does not apply."""
     isa = default_isa() if isa is None else isa
-    ran = {loaded().loop_for(isa, 1, k, groups, _dtype_name(dtype), *LOOP_ROWS[loop]) for loop in LOOPS}
+    ran = {loaded().loop_for(isa, 1, k, groups, *LOOP_ROWS[loop]) for loop in LOOPS}
     return tuple(loop for loop in LOOPS if loop in ran)
 
 
 @functools.lru_cache(maxsize=None)
 def loop_mm(loop: str):
     """int8_mm with ``loop`` forced at every row count (where it applies): what a plan's "cpp:<loop>" runs."""
-    bf16_rows, u8_rows = LOOP_ROWS[loop]
-    return functools.partial(int8_mm, bf16_rows=bf16_rows, u8_rows=u8_rows)
+    panel_rows, u8_rows = LOOP_ROWS[loop]
+    return functools.partial(int8_mm, panel_rows=panel_rows, u8_rows=u8_rows)
 
 
 def available_isas() -> tuple[str, ...]:

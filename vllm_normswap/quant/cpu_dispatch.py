@@ -3,8 +3,9 @@ and row-count bucket, looked up per call.
 
 The three CPU paths:
 - "cpp": the compiled kernel (cpp_kernel.py, csrc/int8_mm.cpp): 16-bit activations x int8 weights, parallel over
-  the torch threads; any activation dtype and scale granularity. Three inner loops (integer dot products on int16
-  or on byte planes, or bf16 dot products); the plan names the one it measured fastest per bucket ("cpp:u8").
+  the torch threads; any activation dtype and scale granularity. Three inner loops (integer dot products on int16,
+  on byte planes, or on byte planes in 16-row panels); the plan names the one it measured fastest per bucket
+  ("cpp:u8").
   Built on first use; unavailable without a C++ compiler.
 - "dequant": int8 weight tiles widened in cache and fed to the dense GEMM (cpu_kernels.dequant_mm), for shapes
   where compute dominates and the CPU's GEMM (e.g. oneDNN with native bf16 dot products) outruns integer dot

@@ -11,9 +11,9 @@ loses the other. Each call reads its own copy of the weights, cycled through mor
 as a served model's weights are (a 1B model's are 40x an L3 of 32 MiB): one copy timed over and over sits in L3 and
 favours the kernels that read weights slowly from memory.
 
-Candidates: the compiled kernel once per inner loop that applies here ("cpp:int16", "cpp:u8", "cpp:bf16";
+Candidates: the compiled kernel once per inner loop that applies here ("cpp:int16", "cpp:u8", "cpp:panel";
 cpp_kernel.loops), forced at every row count, and the pure-torch paths. The extension's own row bounds between its
-loops (U8_MIN_ROWS, BF16_MIN_ROWS) were measured on one CPU; here they only name the incumbent of each bucket, and
+loops (U8_MIN_ROWS, PANEL_MIN_ROWS) were measured on one CPU; here they only name the incumbent of each bucket, and
 a loop that is clearly faster on this machine replaces it.
 
 Measurement (``measure``): random activations [M, K] in the model dtype; the layer's own int8 weight; every
@@ -113,7 +113,7 @@ def kernel(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], to
 def candidates(k: int, groups: int, dtype: torch.dtype) -> tuple[str, ...]:
     """The kernels that can run this shape here."""
     if dtype in CPP_DTYPES and cpp_kernel.loaded() is not None:
-        return tuple(f"cpp:{loop}" for loop in cpp_kernel.loops(k, groups, dtype)) + ("dequant",)
+        return tuple(f"cpp:{loop}" for loop in cpp_kernel.loops(k, groups)) + ("dequant",)
     return ("int8pack", "dequant") if int8pack_applies(k, groups) else ("dequant",)
 
 
@@ -121,7 +121,7 @@ def incumbents(k: int, groups: int, dtype: torch.dtype, paths: tuple[str, ...]) 
     """Per bucket, the kernel that keeps it unless another is clearly faster: the compiled kernel with the loop its
     own row bounds pick at the bucket's timed rows, else the first candidate."""
     if paths[0].startswith("cpp:"):
-        return tuple(f"cpp:{cpp_kernel.default_loop(rows, k, groups, dtype)}" for rows in ROWS)
+        return tuple(f"cpp:{cpp_kernel.default_loop(rows, k, groups)}" for rows in ROWS)
     return (paths[0],) * len(BUCKETS)
 
 

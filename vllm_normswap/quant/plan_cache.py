@@ -26,7 +26,7 @@ from vllm_normswap.cpuinfo import cpu_model_and_flags
 from vllm_normswap.logs import plugin_logger
 from vllm_normswap.quant.cpu_kernels import native_bf16
 
-FORMAT = 2  # 2: a bucket names the compiled kernel's loop ("cpp:u8")
+FORMAT = 3  # 2: a bucket names the compiled kernel's loop ("cpp:u8"); 3: "cpp:panel" replaced "cpp:bf16"
 HERE = Path(__file__).resolve().parent
 KERNEL_SOURCES = (HERE / "csrc" / "int8_mm.cpp", HERE / "cpu_kernels.py", HERE / "cpu_plan.py")
 # /proc/cpuinfo flags that change which kernel wins: ISA levels of ours, of oneDNN's bf16 GEMM and of vLLM's

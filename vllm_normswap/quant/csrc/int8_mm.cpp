@@ -26,21 +26,20 @@
 // so the result is bitwise the same for any thread count.
 //
 // ISA: each path is compiled for its own target (GCC target pragmas) and picked at run time (best_isa(), or
-// forced by the caller), so one .so runs on AVX2-only, AVX-512, AVX-512 VNNI and AVX512-BF16 CPUs; a plain C++
-// path covers the rest. No -march=native: the build machine need not be the one that runs it.
+// forced by the caller), so one .so runs on AVX2-only and AVX-512 CPUs, with or without VNNI; a plain C++ path
+// covers the rest. No -march=native: the build machine need not be the one that runs it.
 //
 // Inner loops, by ISA path and rows M (per-channel or per-tensor scales; per-group scales always take the first):
-//   int16 loop (above)         every path; on the VNNI paths below U8_MIN_ROWS rows, or K not a multiple of 64
-//   byte planes (AVX512-VNNI)  avx512vnni from U8_MIN_ROWS rows; avx512bf16 from U8_MIN_ROWS to BF16_MIN_ROWS - 1
-//   bf16 dots (AVX512-BF16)    avx512bf16, bf16 activations, from BF16_MIN_ROWS rows
-// Those row bounds are defaults, measured on one CPU: the caller passes its own (bf16_rows, u8_rows), and the plan
+//   int16 loop (above)             every path; on the VNNI path below U8_MIN_ROWS rows, or K not a multiple of 64
+//   byte planes (AVX512-VNNI)      avx512vnni, from U8_MIN_ROWS to PANEL_MIN_ROWS - 1 rows
+//   byte planes in 16-row panels   avx512vnni, from PANEL_MIN_ROWS rows
+// Those row bounds are defaults, measured on one CPU: the caller passes its own (panel_rows, u8_rows), and the plan
 // (quant/cpu_plan.py) times every loop that applies (loop_for) on the machine and forces the faster one per bucket.
 // Decode (weights streamed once, the reads bound it), small batches (multiply-adds per byte start to count) and
 // prefill (compute bound) want different loops; each section's header says why and what was measured.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 #include <c10/util/BFloat16.h>
@@ -57,10 +56,9 @@
 
 namespace {
 
-// ISA_AVX512BF16: the VNNI path, and bf16 dot products from BF16_MIN_ROWS bf16 rows on (see there)
-enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512BW = 2, ISA_AVX512VNNI = 3, ISA_AVX512BF16 = 4 };
-const char* const ISA_NAMES[] = {"scalar", "avx2", "avx512bw", "avx512vnni", "avx512bf16"};
-constexpr int ISA_MAX = 4;
+enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512BW = 2, ISA_AVX512VNNI = 3 };
+const char* const ISA_NAMES[] = {"scalar", "avx2", "avx512bw", "avx512vnni"};
+constexpr int ISA_MAX = 3;
 
 constexpr int64_t KB_MAX = 256;  // activation block length bound (int32 lanes; see the overflow note above)
 constexpr int64_t XPAD = 32;     // each block of xq is zero-padded to a multiple of this (a full zmm of int16)
@@ -341,13 +339,12 @@ void tile_range_512(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_
 // activation vector (3 x 4 measured best; 2 x 4 close; 4 x 3, 4 x 4, 2 x 6 slower). A chunk of weight rows
 // (U8_CHUNK_BYTES) stays in L2 while every row tile passes over it, and the tiles prefetch the next chunk (see
 // Prefetch: +5-15% at 8-16 rows, where the first pass over a chunk otherwise waited for memory).
-// Rows: from U8_MIN_ROWS up to the bf16 loop's start on AVX512-BF16 CPUs (bf16_rows), with no upper end on VNNI
-// CPUs without BF16. Below 5 rows the weight reads bound the matmul and the int16 loop, with its wider tiles of
-// one and two rows (more weight streams), read them faster. Both bounds are defaults at the plan's bucket edges
-// (quant/cpu_plan.py: 1 | 2-4 | 5-16 | 17-64 | 65+): they pick each bucket's incumbent, and the plan replaces it
-// where another loop, forced, measures clearly faster on the machine.
+// Rows: from U8_MIN_ROWS up to the panel loop's start (panel_rows; below). Below 5 rows the weight reads bound the
+// matmul and the int16 loop, with its wider tiles of one and two rows (more weight streams), read them faster.
+// Both bounds are defaults at the plan's bucket edges (quant/cpu_plan.py: 1 | 2-4 | 5-16 | 17-64 | 65+): they pick
+// each bucket's incumbent, and the plan replaces it where another loop, forced, measures clearly faster here.
 // Measured on a 2-core Zen 4 EPYC (docs/int8-kernels.md): against the int16 loop level at 4-6 rows, ahead at 8 and
-// 16 rows (by 1.02-1.36x); against the bf16 loop level at 32 and 64 rows, behind from 128.
+// 16 rows (by 1.02-1.36x).
 
 constexpr int64_t U8_MIN_ROWS = 5;
 constexpr int64_t U8_MAX_K = 65536;
@@ -565,137 +562,141 @@ void split_rows_u8(const U8Problem& p, const void* x, bool bf16, uint8_t* hi, ui
   }
 }
 
-#pragma GCC pop_options
-
-// ---- AVX512-BF16: bf16 dot products for compute-bound row counts ---------------------------------------------------
+// ---- byte planes in 16-row panels: the compute-bound row counts ------------------------------------------------
 //
-// W8A16 without any activation quantization: the int8 weight rows of a chunk are widened once to bf16 (exact: every
-// int8 is a bf16) into a scratch buffer that stays in L2, and every tile of activation rows (bf16 as they come)
-// passes over it with vdpbf16ps: products are exact in fp32, sums fp32. The widening costs a few instructions per
-// 32 weights once per call, against one vdpbf16ps per 32 weights per activation row: from a handful of rows on it
-// is the cheaper way to feed the dot products, where the integer path widens the weight again for every tile of
-// rows and converts and scales its int32 lanes every block. Below BF16_MIN_ROWS the byte-plane loop (above) is
-// faster: the widening is paid for fewer rows, and the weight reads weigh more.
-// Per-channel (or per-tensor) scales only: the scale multiplies the finished dot product. bf16 activations only:
-// fp32/fp16 would have to be rounded to bf16 first.
+// The same arithmetic as the loop above (planes, H, L, S, exact in double), with the operands the other way round:
+// a vector holds one byte-plane quad of 16 activation rows (the planes packed once per call: 16 x 16 transposes),
+// and the weight quad of one output column is broadcast to all 16 lanes straight from the int8 row (vpdpbusd's
+// broadcast operand). So the accumulators are whole outputs: no lane sums, and no widening or packing of the
+// weight at all, which is what caps a bf16 dot-product loop: int8 -> bf16 costs 5 instructions per 32 weights,
+// once per call (docs/int8-kernels.md, "How far the bf16 loop can go"). vpdpbusd retires 64 byte products, two per
+// 16-bit activation: the multiply-add rate of vdpbf16ps, the instruction of oneDNN's bf16 matmul on AVX512-BF16.
+// Register tile: 16 rows x PANEL_NR weight rows x 2 planes = 16 accumulators; each step loads the two plane
+// vectors and broadcasts PANEL_NR weight quads. The tile's outputs are transposed once at the end (rows come out
+// as lanes). A chunk of weight rows stays in L2 while the panels pass over it, and its tiles prefetch the next
+// chunk (+4-7% at 32-64 rows, where a chunk's first pass otherwise waits for memory).
+// Rows: from PANEL_MIN_ROWS (a panel of fewer rows computes empty lanes; below that the loop above wins).
+// Measured on a 2-core Zen 4 EPYC with AVX512-BF16 (docs/int8-kernels.md), int8 / vLLM's bf16 linear on the four
+// 1.0B Llama shapes, 1 thread: 1.07-1.34x at 16 rows, 1.07-1.20x at 32, 1.01-1.09x at 64, 0.98-0.99x at 256,
+// ahead of the loop above and of the bf16 dot-product loop it replaced (0.82-1.07x, 0.87-1.01x, 0.92-0.99x,
+// 0.96-0.97x) at every row count.
 
-// Rows from which a bf16 call on an AVX512-BF16 CPU takes this path: on a Zen 4 EPYC the byte-plane loop (above)
-// was level with it at 32 and 64 rows and behind from 128 (1 and 2 threads, the four 1.0B Llama shapes); 65 is
-// the plan's prefill bucket edge. A default, as U8_MIN_ROWS: the plan measures both loops per bucket.
-constexpr int64_t BF16_MIN_ROWS = 65;
-constexpr int BF_MR = 6, BF_NR = 4;    // register tile: 24 fp32 accumulators + 4 weight + 1 activation vectors
-constexpr int64_t BF_CHUNK_BYTES = 384 << 10;  // widened weight rows per chunk: in L2 while the row tiles pass
-// Rows of x and of the widened weights lie Kp + BF_ROW_PAD elements apart: with K a multiple of 2048 the tile's 10
-// row streams would otherwise sit 4 KiB apart, in the same L1 set (8 ways), and evict each other.
-constexpr int64_t BF_ROW_PAD = 32;
+constexpr int64_t PANEL_MIN_ROWS = 17;
+constexpr int PANEL_NR = 8;
 
-struct Bf16Problem {
-  int64_t M, N, K, Kp;     // Kp: K rounded up to 32 (zero padding in both operands)
-  int64_t rs;              // row stride of x and of the widened weights: Kp + 32 (see BF_ROW_PAD)
-  const uint16_t* x;       // [M][rs] bf16 bits
-  const int8_t* w;         // [N][K]
-  const float* sw;         // [N or 1][1]
-  int64_t s_rs;            // scale row stride (0: one scale for every row)
-  c10::BFloat16* out;      // [M][N]
-};
+// out[j] lane i = in[i] lane j (16 x 16 dwords): pairs within 128-bit lanes, then quads, then the 4 x 4 lane blocks
+inline void transpose16u(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  __m512i q[16];
+  for (int g = 0; g < 4; ++g) {
+    q[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    q[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    q[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    q[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(q[c], q[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(q[c], q[4 + c], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(q[8 + c], q[12 + c], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(q[8 + c], q[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
-
-// rows [n0, n1) of the int8 weight -> bf16 rows of Kp (the tail zeroed)
-void widen_rows_bf16(const Bf16Problem& p, int64_t n0, int64_t n1, uint16_t* dst) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* src = p.w + n * p.K;
-    uint16_t* d = dst + (n - n0) * p.rs;
-    for (int64_t k = 0; k < p.Kp; k += 32) {
-      __m128i lo8, hi8;
-      if (k + 32 <= p.K) {
-        lo8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
-        hi8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k + 16));
-      } else {  // the tail: masked loads read nothing past the row
-        const int64_t len = p.K - k;
-        lo8 = _mm_maskz_loadu_epi8(__mmask16(len >= 16 ? 0xFFFF : (1u << len) - 1), src + k);
-        hi8 = len > 16 ? _mm_maskz_loadu_epi8(__mmask16((1u << (len - 16)) - 1), src + k + 16) : _mm_setzero_si128();
-      }
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo8));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi8));
-      // elements 0..15 from the second operand, 16..31 from the first; exact (small integers)
-      _mm512_storeu_si512(d + k, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+// plane rows 16P..16P+15 -> dst[k quad][row] (16 dwords per quad), zero rows past M
+void pack_plane_panel(const U8Problem& p, const uint8_t* plane, int64_t P, uint32_t* dst) {
+  for (int64_t k = 0; k < p.K; k += 64) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+      const int64_t m = P * 16 + i;
+      r[i] = m < p.M ? _mm512_loadu_si512(plane + m * p.rs + k) : _mm512_setzero_si512();
     }
+    transpose16u(r);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (k / 4 + j) * 16, r[j]);
   }
 }
 
-// (sum of a, sum of b, sum of c, sum of d): pairwise sums of interleaved lanes, then of the four 128-bit lanes
-inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a0+a2 b0+b2 a1+a3 b1+b3
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512d abd = reinterpret_cast<__m512d>(ab), cdd = reinterpret_cast<__m512d>(cd);
-  const __m512 abcd = _mm512_add_ps(reinterpret_cast<__m512>(_mm512_unpacklo_pd(abd, cdd)),
-                                    reinterpret_cast<__m512>(_mm512_unpackhi_pd(abd, cdd)));  // a b c d per lane
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                 reinterpret_cast<__m256>(_mm512_extracti64x4_epi64(reinterpret_cast<__m512i>(abcd), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+// 4 weights as one int32 in every lane (GCC makes it one broadcast load)
+inline __m512i quad(const int8_t* a) {
+  int32_t v;
+  std::memcpy(&v, a, 4);
+  return _mm512_set1_epi32(v);
 }
 
-// the intrinsic, not asm as at dot16: here GCC keeps the 24 accumulators in registers (with asm it spilled them all)
-inline __m512 dot_bf16(__m512 acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
-
-// Activation rows m0.. (MR), weight rows n0.. (NR; row n0 - nw0 of the widened chunk wc).
-template <int MR, int NR>
-void tile_bf16(const Bf16Problem& p, const uint16_t* wc, int64_t nw0, int64_t m0, int64_t n0) {
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  const uint16_t* wr = wc + (n0 - nw0) * p.rs;
-  const uint16_t* xr = p.x + m0 * p.rs;
-  for (int64_t k = 0; k < p.Kp; k += 32) {
-    __m512i wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(wr + j * p.rs + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m512i xv = _mm512_loadu_si512(xr + i * p.rs + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = dot_bf16(acc[i][j], xv, wv[j]);
+// Panel P (16 activation rows) x the PANEL_NR weight rows at w (K apart; the first `cols` of them are real, the
+// rest zero rows of a tail copy), outputs at column n0; S: their sums. pf: lines of the next chunk to prefetch,
+// one every pf_every k steps.
+void tile_panel(const U8Problem& p, const uint32_t* hp, const uint32_t* lp, int64_t P, const int8_t* w, int64_t n0,
+                int64_t cols, const int32_t* S, const char* pf, int64_t pf_every) {
+  const int64_t KQ = p.K / 4;
+  const uint32_t* hr = hp + P * KQ * 16;
+  const uint32_t* lr = lp + P * KQ * 16;
+  // named, not arrays: with arrays GCC keeps accumulators on the stack (as in tile_u8)
+  __m512 h0 = _mm512_setzero_ps(), h1 = h0, h2 = h0, h3 = h0, h4 = h0, h5 = h0, h6 = h0, h7 = h0;
+  __m512 l0 = h0, l1 = h0, l2 = h0, l3 = h0, l4 = h0, l5 = h0, l6 = h0, l7 = h0;
+  const int8_t* b0 = w;
+  const int8_t* b4 = w + 4 * p.K;
+  const int64_t k1 = p.K, k2 = 2 * p.K, k3 = 3 * p.K;
+  for (int64_t kq = 0, due = 0; kq < KQ; ++kq, b0 += 4, b4 += 4) {
+    if (--due <= 0) {  // a countdown, not kq % pf_every: a division every step
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 64;
+      due = pf_every;
     }
+    const __m512i xh = _mm512_loadu_si512(hr + kq * 16), xl = _mm512_loadu_si512(lr + kq * 16);
+    const __m512i w0 = quad(b0), w1 = quad(b0 + k1), w2 = quad(b0 + k2), w3 = quad(b0 + k3);
+    const __m512i w4 = quad(b4), w5 = quad(b4 + k1), w6 = quad(b4 + k2), w7 = quad(b4 + k3);
+    h0 = busd(h0, xh, w0); l0 = busd(l0, xl, w0);
+    h1 = busd(h1, xh, w1); l1 = busd(l1, xl, w1);
+    h2 = busd(h2, xh, w2); l2 = busd(l2, xl, w2);
+    h3 = busd(h3, xh, w3); l3 = busd(l3, xl, w3);
+    h4 = busd(h4, xh, w4); l4 = busd(l4, xl, w4);
+    h5 = busd(h5, xh, w5); l5 = busd(l5, xl, w5);
+    h6 = busd(h6, xh, w6); l6 = busd(l6, xl, w6);
+    h7 = busd(h7, xh, w7); l7 = busd(l7, xl, w7);
   }
-  if constexpr (NR == 4) {
-    // the four sums of a row at once: at K = 2048 four separate reductions cost ~12% of the dot products
-    const __m128 sw = p.s_rs ? _mm_loadu_ps(p.sw + n0) : _mm_set1_ps(p.sw[0]);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {  // unrolled: else GCC keeps the accumulators on the stack (as finish4_u8)
-      const __m128 sums = _mm_mul_ps(sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]), sw);
-      const __m128i bf = reinterpret_cast<__m128i>(_mm_cvtneps_pbh(sums));  // round to nearest even, 4 x bf16
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(p.out + (m0 + i) * p.N + n0), bf);
+  // finish_u8's arithmetic, 16 rows at a time: 256 H + L - 32768 S exact in double, times the row's and the
+  // column's scale, rounded once
+  const __m512 hs[PANEL_NR] = {h0, h1, h2, h3, h4, h5, h6, h7}, ls[PANEL_NR] = {l0, l1, l2, l3, l4, l5, l6, l7};
+  const __m512d sx0 = _mm512_loadu_pd(p.sx + P * 16), sx1 = _mm512_loadu_pd(p.sx + P * 16 + 8);  // padded to 16
+  __m512i r[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_setzero_si512();
+  for (int j = 0; j < cols; ++j) {
+    const __m512i H = as_i(hs[j]), L = as_i(ls[j]);
+    const __m512d off = _mm512_set1_pd(32768.0 * double(S[j]));
+    const __m512d sw = _mm512_set1_pd(double(p.sw[(n0 + j) * p.s_rs]));
+    const __m512d d0 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(H)), _mm512_set1_pd(256.0),
+                                       _mm512_cvtepi32_pd(_mm512_castsi512_si256(L)));
+    const __m512d d1 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(H, 1)), _mm512_set1_pd(256.0),
+                                       _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(L, 1)));
+    const __m256 f0 = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(_mm512_sub_pd(d0, off), sx0), sw));
+    const __m256 f1 = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(_mm512_sub_pd(d1, off), sx1), sw));
+    r[j] = _mm512_castps_si512(_mm512_insertf32x8(_mm512_castps256_ps512(f0), f1, 1));
+  }
+  transpose16u(r);  // r[i] lane j: the output of row 16 P + i, column n0 + j
+  const __mmask16 cm = __mmask16((1u << cols) - 1);
+  const int64_t rows = std::min<int64_t>(16, p.M - P * 16);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t o = (P * 16 + i) * p.N + n0;
+    const __m512 f = _mm512_castsi512_ps(r[i]);
+    if (p.out_kind == OUT_BF16) {  // round to nearest even, NaN to the quiet NaN (as bf16_bits4)
+      const __m512i b = r[i];
+      __m512i v = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
+                                                     _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))),
+                                    16);
+      v = _mm512_mask_mov_epi32(v, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out) + o, cm, _mm512_cvtepi32_epi16(v));
+    } else if (p.out_kind == OUT_F32) {
+      _mm512_mask_storeu_ps(static_cast<float*>(p.out) + o, cm, f);
+    } else {
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out) + o, cm, _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
     }
-  } else {
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j)
-        p.out[(m0 + i) * p.N + n0 + j] = c10::BFloat16(_mm512_reduce_add_ps(acc[i][j]) * p.sw[(n0 + j) * p.s_rs]);
-  }
-}
-
-template <int MR>
-void rows_bf16(const Bf16Problem& p, const uint16_t* wc, int64_t m0, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + BF_NR <= n1; n += BF_NR) tile_bf16<MR, BF_NR>(p, wc, n0, m0, n);
-  switch (n1 - n) {
-    case 3: tile_bf16<MR, 3>(p, wc, n0, m0, n); break;
-    case 2: tile_bf16<MR, 2>(p, wc, n0, m0, n); break;
-    case 1: tile_bf16<MR, 1>(p, wc, n0, m0, n); break;
-    default: break;
-  }
-}
-
-// Output rows [n0, n1): widen them, then every tile of activation rows over them.
-void chunk_bf16(const Bf16Problem& p, int64_t n0, int64_t n1, uint16_t* wc) {
-  widen_rows_bf16(p, n0, n1, wc);
-  int64_t m = 0;
-  for (; m + BF_MR <= p.M; m += BF_MR) rows_bf16<BF_MR>(p, wc, m, n0, n1);
-  switch (p.M - m) {
-    case 5: rows_bf16<5>(p, wc, m, n0, n1); break;
-    case 4: rows_bf16<4>(p, wc, m, n0, n1); break;
-    case 3: rows_bf16<3>(p, wc, m, n0, n1); break;
-    case 2: rows_bf16<2>(p, wc, m, n0, n1); break;
-    case 1: rows_bf16<1>(p, wc, m, n0, n1); break;
-    default: break;
   }
 }
 
@@ -749,8 +750,7 @@ void quantize_rows(const Problem& p, const void* x, int x_kind, int16_t* xq, flo
 int best_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-    if (!__builtin_cpu_supports("avx512vnni")) return ISA_AVX512BW;
-    return __builtin_cpu_supports("avx512bf16") ? ISA_AVX512BF16 : ISA_AVX512VNNI;
+    return __builtin_cpu_supports("avx512vnni") ? ISA_AVX512VNNI : ISA_AVX512BW;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
   return ISA_SCALAR;
@@ -758,7 +758,6 @@ int best_isa() {
 
 void run_range(const Problem& p, int isa, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   switch (isa) {
-    case ISA_AVX512BF16:  // the int16 loop wherever neither the byte planes nor the bf16 dot products run
     case ISA_AVX512VNNI:
       if (p.G == 1) tile_range_512<true, false>(p, m0, m1, n0, n1);
       else tile_range_512<true, true>(p, m0, m1, n0, n1);
@@ -798,8 +797,12 @@ struct Split {
 Split split_work(int64_t M, int64_t N, int64_t K, int64_t chunk_bytes, int64_t mr, int64_t nr) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   Split sp{};
-  sp.nc = (N + threads - 1) / threads;
-  if (M > mr) sp.nc = std::min(sp.nc, std::max(nr, chunk_bytes / K));
+  // each thread's share of N in equal chunks of at most the cap: with chunks of the cap itself, N = 2048 at 192
+  // rows a chunk made 11 chunks, 6 on one thread and 5 on the other
+  const int64_t share = (N + threads - 1) / threads;
+  const int64_t cap = M > mr ? std::max(nr, chunk_bytes / K) : share;
+  const int64_t pieces = (share + cap - 1) / cap;
+  sp.nc = (share + pieces - 1) / pieces;
   sp.nc = std::max(nr, (sp.nc + nr - 1) / nr * nr);
   const int64_t n_chunks = (N + sp.nc - 1) / sp.nc;
   sp.m_chunks = 1;
@@ -811,36 +814,7 @@ Split split_work(int64_t M, int64_t N, int64_t K, int64_t chunk_bytes, int64_t m
   return sp;
 }
 
-// y = x @ (w * scale)^T in bf16 dot products (the AVX512-BF16 path; bf16 x, per-channel or per-tensor scale).
-at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto out = at::empty({M, N}, x.options());
-  Bf16Problem p{};
-  p.M = M; p.N = N; p.K = K; p.Kp = (K + 31) / 32 * 32;
-  at::Tensor xc = x.contiguous();
-  p.rs = p.Kp + BF_ROW_PAD;
-  xc = at::constant_pad_nd(xc, {0, p.rs - K});  // zero columns: every k-step a full vector
-  at::Tensor wc = w.contiguous();
-  at::Tensor sc = scale.to(at::kFloat).contiguous();
-  p.x = static_cast<const uint16_t*>(xc.data_ptr());
-  p.w = static_cast<const int8_t*>(wc.data_ptr());
-  p.sw = static_cast<const float*>(sc.data_ptr());
-  p.s_rs = scale.size(0) == 1 ? 0 : 1;
-  p.out = static_cast<c10::BFloat16*>(out.data_ptr());
-  pybind11::gil_scoped_release no_gil;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // chunk of output rows: a share of N per thread, at most BF16_CHUNK_BYTES widened, a multiple of the tile
-  int64_t nc = std::min((N + threads - 1) / threads, std::max<int64_t>(BF_NR, BF_CHUNK_BYTES / (2 * p.rs)));
-  nc = (nc + BF_NR - 1) / BF_NR * BF_NR;
-  const int64_t n_chunks = (N + nc - 1) / nc;
-  at::parallel_for(0, n_chunks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<uint16_t> wbuf(size_t(nc * p.rs));
-    for (int64_t i = i0; i < i1; ++i) chunk_bf16(p, i * nc, std::min(N, (i + 1) * nc), wbuf.data());
-  });
-  return out;
-}
-
-// y = x @ (w * scale)^T through the byte planes (the VNNI paths; per-channel or per-tensor scale, K % 64 == 0).
+// y = x @ (w * scale)^T through the byte planes (the VNNI path; per-channel or per-tensor scale, K % 64 == 0).
 at::Tensor u8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int out_kind) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto out = at::empty({M, N}, x.options());
@@ -883,17 +857,87 @@ at::Tensor u8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
   return out;
 }
 
-enum Loop : int { LOOP_INT16 = 0, LOOP_U8 = 1, LOOP_BF16 = 2 };
-const char* const LOOP_NAMES[] = {"int16", "u8", "bf16"};
+// y = x @ (w * scale)^T through the byte planes in 16-row panels (the VNNI path; per-channel or per-tensor scale,
+// K % 64 == 0).
+at::Tensor panel_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int out_kind) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto out = at::empty({M, N}, x.options());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;  // bf16 and fp32 are read as they are; fp16 through fp32
+  at::Tensor xc = bf16 ? x.contiguous() : x.to(at::kFloat).contiguous();
+  at::Tensor wc = w.contiguous();
+  at::Tensor sc = scale.to(at::kFloat).contiguous();
+  U8Problem p{};
+  p.M = M; p.N = N; p.K = K; p.rs = K + U8_ROW_PAD;
+  const int64_t panels = (M + 15) / 16, KQ = K / 4;
+  auto planes = at::empty({2, M, p.rs}, at::TensorOptions().dtype(at::kByte));
+  auto sxt = at::empty({panels * 16}, at::TensorOptions().dtype(at::kDouble));
+  auto packed = at::empty({2, panels * KQ * 16}, at::TensorOptions().dtype(at::kInt));
+  uint8_t* hi = planes.data_ptr<uint8_t>();
+  uint8_t* lo = hi + M * p.rs;
+  double* sx = sxt.data_ptr<double>();
+  std::fill(sx + M, sx + panels * 16, 0.0);  // the panel's empty rows: finite, never stored
+  uint32_t* hp = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  uint32_t* lp = hp + panels * KQ * 16;
+  p.hi = hi; p.lo = lo; p.sx = sx;
+  p.w = static_cast<const int8_t*>(wc.data_ptr());
+  p.sw = static_cast<const float*>(sc.data_ptr());
+  p.s_rs = scale.size(0) == 1 ? 0 : 1;
+  p.out = out.data_ptr();
+  p.out_kind = out_kind;
+  const void* xp = xc.data_ptr();
+  pybind11::gil_scoped_release no_gil;
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
+                   [&](int64_t m0, int64_t m1) { split_rows_u8(p, xp, bf16, hi, lo, sx, m0, m1); });
+  at::parallel_for(0, panels, 1, [&](int64_t a, int64_t b) {
+    for (int64_t P = a; P < b; ++P) {
+      pack_plane_panel(p, hi, P, hp + P * KQ * 16);
+      pack_plane_panel(p, lo, P, lp + P * KQ * 16);
+    }
+  });
+  const Split sp = split_work(M, N, K, U8_CHUNK_BYTES, 16, PANEL_NR);
+  at::parallel_for(0, sp.items, sp.grain, [&](int64_t i0, int64_t i1) {
+    std::vector<int32_t> S(static_cast<size_t>(sp.nc));
+    std::vector<int8_t> tail;  // the last weight rows when N is not a multiple of PANEL_NR, zero-padded
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t ni = i / sp.m_chunks, mi = i % sp.m_chunks;
+      const int64_t n0 = ni * sp.nc, n1 = std::min(N, n0 + sp.nc);
+      const int64_t P0 = mi * sp.mc / 16, P1 = std::min(panels, (mi + 1) * sp.mc / 16);
+      weight_sums_u8(p, n0, n1, S.data());
+      // the next item's weights into L2, spread over this item's tiles (its own where there is none)
+      const int64_t nn = i + 1 < i1 ? (i + 1) / sp.m_chunks : ni;
+      const char* next = reinterpret_cast<const char*>(p.w + nn * sp.nc * K);
+      const int64_t lines = (std::min(N, (nn + 1) * sp.nc) - nn * sp.nc) * K / 64;
+      const int64_t tiles = (P1 - P0) * ((n1 - n0 + PANEL_NR - 1) / PANEL_NR);
+      const int64_t per_tile = std::max<int64_t>(1, (lines + tiles - 1) / tiles);
+      const int64_t every = std::max<int64_t>(1, KQ / per_tile);
+      int64_t t = 0;
+      for (int64_t n = n0; n < n1; n += PANEL_NR) {
+        const int64_t cols = std::min<int64_t>(PANEL_NR, n1 - n);
+        const int8_t* wr = p.w + n * K;
+        if (cols < PANEL_NR) {
+          tail.assign(size_t(PANEL_NR * K), 0);
+          std::memcpy(tail.data(), wr, size_t(cols * K));
+          wr = tail.data();
+        }
+        for (int64_t P = P0; P < P1; ++P, ++t)
+          tile_panel(p, hp, lp, P, wr, n, cols, S.data() + (n - n0), next + std::min(t * per_tile, lines - 1) * 64,
+                     every);
+      }
+    }
+  });
+  return out;
+}
 
-// The inner loop a call of M rows runs: the bf16 dots from bf16_rows rows, else the byte planes from u8_rows rows,
-// each only where it applies; else the int16 loop (every shape, every path). The one place that says which.
-int pick_loop(int64_t isa, int64_t M, int64_t K, int64_t G, int out_kind, int64_t bf16_rows, int64_t u8_rows) {
-  if (isa == ISA_AVX512BF16 && out_kind == OUT_BF16 && G == 1 && M >= std::max<int64_t>(1, bf16_rows))
-    return LOOP_BF16;
-  if ((isa == ISA_AVX512VNNI || isa == ISA_AVX512BF16) && G == 1 && K >= 64 && K % 64 == 0 && K <= U8_MAX_K &&
-      M >= std::max<int64_t>(1, u8_rows))
-    return LOOP_U8;
+enum Loop : int { LOOP_INT16 = 0, LOOP_U8 = 1, LOOP_PANEL = 2 };
+const char* const LOOP_NAMES[] = {"int16", "u8", "panel"};
+
+// The inner loop a call of M rows runs: the byte planes in panels from panel_rows rows, else the byte planes from
+// u8_rows rows, each only where it applies; else the int16 loop (every shape, every path). The one place that says
+// which.
+int pick_loop(int64_t isa, int64_t M, int64_t K, int64_t G, int64_t panel_rows, int64_t u8_rows) {
+  const bool planes = isa == ISA_AVX512VNNI && G == 1 && K >= 64 && K % 64 == 0 && K <= U8_MAX_K;
+  if (planes && M >= std::max<int64_t>(1, panel_rows)) return LOOP_PANEL;
+  if (planes && M >= std::max<int64_t>(1, u8_rows)) return LOOP_U8;
   return LOOP_INT16;
 }
 
@@ -905,16 +949,13 @@ int out_kind_of(at::ScalarType dtype) {
 }
 
 // pick_loop for Python: the plan asks which loops a shape can run (each forced in turn), and which one the
-// default bounds pick, without running anything.
-std::string loop_for(int64_t isa, int64_t M, int64_t K, int64_t G, const std::string& dtype, int64_t bf16_rows,
-                     int64_t u8_rows) {
+// default bounds pick, without running anything. Every loop takes every activation dtype.
+std::string loop_for(int64_t isa, int64_t M, int64_t K, int64_t G, int64_t panel_rows, int64_t u8_rows) {
   TORCH_CHECK(isa >= 0 && isa <= ISA_MAX, "loop_for: isa 0..", ISA_MAX);
-  const int out_kind = dtype == "bfloat16" ? OUT_BF16 : dtype == "float16" ? OUT_F16 : OUT_F32;
-  TORCH_CHECK(out_kind != OUT_F32 || dtype == "float32", "loop_for: dtype bfloat16, float16 or float32, got ", dtype);
-  return LOOP_NAMES[pick_loop(isa, M, K, G, out_kind, bf16_rows, u8_rows)];
+  return LOOP_NAMES[pick_loop(isa, M, K, G, panel_rows, u8_rows)];
 }
 
-at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, int64_t block, int64_t bf16_rows,
+at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, int64_t block, int64_t panel_rows,
                    int64_t u8_rows) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scale.dim() == 2, "int8_mm: x [M, K], w [N, K], scale [N, G]");
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8_mm: the weight must be int8");
@@ -931,8 +972,8 @@ at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, in
 
   const auto out_dtype = x.scalar_type();
   const int out_kind = out_kind_of(out_dtype);
-  const int loop = pick_loop(isa, M, K, G, out_kind, bf16_rows, u8_rows);
-  if (loop == LOOP_BF16 && N > 0) return bf16_mm(x, w, scale);
+  const int loop = pick_loop(isa, M, K, G, panel_rows, u8_rows);
+  if (loop == LOOP_PANEL && N > 0) return panel_mm(x, w, scale, out_kind);
   if (loop == LOOP_U8 && N > 0) return u8_mm(x, w, scale, out_kind);
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -990,14 +1031,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normswap CPU int8 weight-only matmul (16-bit activations x int8 weights)";
   m.def("int8_mm", &int8_mm, "y[M, N] = x[M, K] @ (w[N, K] * scale)^T; isa -1 = best this CPU supports",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scale"), pybind11::arg("isa") = -1,
-        pybind11::arg("block") = 256, pybind11::arg("bf16_rows") = BF16_MIN_ROWS,
+        pybind11::arg("block") = 256, pybind11::arg("panel_rows") = PANEL_MIN_ROWS,
         pybind11::arg("u8_rows") = U8_MIN_ROWS);
   m.def("loop_for", &loop_for, "the inner loop int8_mm runs for M rows of K inputs with G scale columns",
         pybind11::arg("isa"), pybind11::arg("m"), pybind11::arg("k"), pybind11::arg("groups"),
-        pybind11::arg("dtype"), pybind11::arg("bf16_rows") = BF16_MIN_ROWS, pybind11::arg("u8_rows") = U8_MIN_ROWS);
-  m.def("best_isa", &best_isa,
-        "the best ISA path this CPU runs: 0 scalar, 1 avx2, 2 avx512bw, 3 avx512vnni, 4 avx512bf16");
+        pybind11::arg("panel_rows") = PANEL_MIN_ROWS, pybind11::arg("u8_rows") = U8_MIN_ROWS);
+  m.def("best_isa", &best_isa, "the best ISA path this CPU runs: 0 scalar, 1 avx2, 2 avx512bw, 3 avx512vnni");
   m.def("isa_name", &isa_name);
-  m.attr("BF16_MIN_ROWS") = BF16_MIN_ROWS;
+  m.attr("PANEL_MIN_ROWS") = PANEL_MIN_ROWS;
   m.attr("U8_MIN_ROWS") = U8_MIN_ROWS;
 }
