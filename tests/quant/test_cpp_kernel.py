@@ -261,7 +261,7 @@ def test_byte_planes_outlier_rows_stay_below_the_weight_error(loop):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_byte_plane_panels_match_the_byte_plane_loop_bitwise(threads):
     """The panel loop forced from one row on (panel_rows=1) against the byte-plane loop forced likewise: the same
-    bits at odd M (an empty panel's lanes: 1, 15, 17, 33, 130), odd N (weight-row tails that are copied: 3, 9, 257,
+    bits at odd M (the rows past the last whole panel take the row tiles: 1, 15, 17, 33, 130), odd N (weight-row tails that are copied: 3, 9, 257,
     1031), K from one 64-step to 4160, several weight chunks per thread and the next one prefetched (1031 x 2048),
     rows split across threads where N is small (130 x 9), bf16/fp32/fp16 activations, per-channel and per-tensor
     scales, 1 and 2 threads; and within the byte planes' bound against float64."""

@@ -514,12 +514,17 @@ void rows_u8(const U8Problem& p, int64_t m0, int64_t n0, int64_t n1, const int32
 }
 
 // Rows [m0, m1) x output rows [n0, n1): the weight sums of the chunk, then every row tile over it.
-void chunk_u8(const U8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* S, Prefetch pre) {
-  weight_sums_u8(p, n0, n1, S);
+// Rows [m0, m1) x output rows [n0, n1), the chunk's weight sums S given: every row tile over it.
+void tiles_u8(const U8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* S, Prefetch pre) {
   int64_t m = m0;
   for (; m + U8_MR <= m1; m += U8_MR) rows_u8<U8_MR>(p, m, n0, n1, S, pre);
   if (m1 - m == 2) rows_u8<2>(p, m, n0, n1, S, pre);
   else if (m1 - m == 1) rows_u8<1>(p, m, n0, n1, S, pre);
+}
+
+void chunk_u8(const U8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* S, Prefetch pre) {
+  weight_sums_u8(p, n0, n1, S);
+  tiles_u8(p, m0, m1, n0, n1, S, pre);
 }
 
 // 16 activations as fp32 (bf16 bits widened, or fp32 as they are)
@@ -575,7 +580,9 @@ void split_rows_u8(const U8Problem& p, const void* x, bool bf16, uint8_t* hi, ui
 // vectors and broadcasts PANEL_NR weight quads. The tile's outputs are transposed once at the end (rows come out
 // as lanes). A chunk of weight rows stays in L2 while the panels pass over it, and its tiles prefetch the next
 // chunk (+4-7% at 32-64 rows, where a chunk's first pass otherwise waits for memory).
-// Rows: from PANEL_MIN_ROWS (a panel of fewer rows computes empty lanes; below that the loop above wins).
+// Rows: from PANEL_MIN_ROWS. Only whole panels: the rows past the last one (M % 16) take the loop above, which
+// gives the same bits (a panel of 1-15 rows would compute its empty lanes: at 17 rows, 2 panels for 17 rows made
+// the 17-64 bucket 0.86-0.92x of vLLM's bf16 where it is 1.02-1.20x at 32 and 64 rows).
 // Measured on a 2-core Zen 4 EPYC with AVX512-BF16 (docs/int8-kernels.md), int8 / vLLM's bf16 linear on the four
 // 1.0B Llama shapes, 1 thread: 1.07-1.34x at 16 rows, 1.07-1.20x at 32, 1.01-1.09x at 64, 0.98-0.99x at 256,
 // ahead of the loop above and of the bf16 dot-product loop it replaced (0.82-1.07x, 0.87-1.01x, 0.92-0.99x,
@@ -664,7 +671,7 @@ void tile_panel(const U8Problem& p, const uint32_t* hp, const uint32_t* lp, int6
   // finish_u8's arithmetic, 16 rows at a time: 256 H + L - 32768 S exact in double, times the row's and the
   // column's scale, rounded once
   const __m512 hs[PANEL_NR] = {h0, h1, h2, h3, h4, h5, h6, h7}, ls[PANEL_NR] = {l0, l1, l2, l3, l4, l5, l6, l7};
-  const __m512d sx0 = _mm512_loadu_pd(p.sx + P * 16), sx1 = _mm512_loadu_pd(p.sx + P * 16 + 8);  // padded to 16
+  const __m512d sx0 = _mm512_loadu_pd(p.sx + P * 16), sx1 = _mm512_loadu_pd(p.sx + P * 16 + 8);  // a whole panel
   __m512i r[16];
   for (int j = 0; j < 16; ++j) r[j] = _mm512_setzero_si512();
   for (int j = 0; j < cols; ++j) {
@@ -868,14 +875,13 @@ at::Tensor panel_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   at::Tensor sc = scale.to(at::kFloat).contiguous();
   U8Problem p{};
   p.M = M; p.N = N; p.K = K; p.rs = K + U8_ROW_PAD;
-  const int64_t panels = (M + 15) / 16, KQ = K / 4;
+  const int64_t panels = M / 16, KQ = K / 4;  // whole panels; the rows past them take the row tiles
   auto planes = at::empty({2, M, p.rs}, at::TensorOptions().dtype(at::kByte));
-  auto sxt = at::empty({panels * 16}, at::TensorOptions().dtype(at::kDouble));
+  auto sxt = at::empty({M}, at::TensorOptions().dtype(at::kDouble));
   auto packed = at::empty({2, panels * KQ * 16}, at::TensorOptions().dtype(at::kInt));
   uint8_t* hi = planes.data_ptr<uint8_t>();
   uint8_t* lo = hi + M * p.rs;
   double* sx = sxt.data_ptr<double>();
-  std::fill(sx + M, sx + panels * 16, 0.0);  // the panel's empty rows: finite, never stored
   uint32_t* hp = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
   uint32_t* lp = hp + panels * KQ * 16;
   p.hi = hi; p.lo = lo; p.sx = sx;
@@ -901,13 +907,14 @@ at::Tensor panel_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t ni = i / sp.m_chunks, mi = i % sp.m_chunks;
       const int64_t n0 = ni * sp.nc, n1 = std::min(N, n0 + sp.nc);
-      const int64_t P0 = mi * sp.mc / 16, P1 = std::min(panels, (mi + 1) * sp.mc / 16);
+      const int64_t m0 = mi * sp.mc, m1 = std::min(M, m0 + sp.mc);
+      const int64_t P0 = m0 / 16, P1 = std::min(panels, m1 / 16);  // mc is a multiple of 16
       weight_sums_u8(p, n0, n1, S.data());
       // the next item's weights into L2, spread over this item's tiles (its own where there is none)
       const int64_t nn = i + 1 < i1 ? (i + 1) / sp.m_chunks : ni;
       const char* next = reinterpret_cast<const char*>(p.w + nn * sp.nc * K);
       const int64_t lines = (std::min(N, (nn + 1) * sp.nc) - nn * sp.nc) * K / 64;
-      const int64_t tiles = (P1 - P0) * ((n1 - n0 + PANEL_NR - 1) / PANEL_NR);
+      const int64_t tiles = std::max<int64_t>(1, (P1 - P0) * ((n1 - n0 + PANEL_NR - 1) / PANEL_NR));
       const int64_t per_tile = std::max<int64_t>(1, (lines + tiles - 1) / tiles);
       const int64_t every = std::max<int64_t>(1, KQ / per_tile);
       int64_t t = 0;
@@ -923,6 +930,7 @@ at::Tensor panel_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
           tile_panel(p, hp, lp, P, wr, n, cols, S.data() + (n - n0), next + std::min(t * per_tile, lines - 1) * 64,
                      every);
       }
+      if (m1 > P1 * 16) tiles_u8(p, P1 * 16, m1, n0, n1, S.data(), Prefetch{});  // P1 >= P0: m0 % 16 == 0
     }
   });
   return out;
