@@ -592,7 +592,7 @@ constexpr int64_t PANEL_MIN_ROWS = 17;
 constexpr int PANEL_NR = 8;
 
 // out[j] lane i = in[i] lane j (16 x 16 dwords): pairs within 128-bit lanes, then quads, then the 4 x 4 lane blocks
-inline void transpose16u(__m512i r[16]) {
+inline void transpose16(__m512i r[16]) {
   __m512i t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
@@ -616,15 +616,12 @@ inline void transpose16u(__m512i r[16]) {
   }
 }
 
-// plane rows 16P..16P+15 -> dst[k quad][row] (16 dwords per quad), zero rows past M
+// plane rows 16P..16P+15 -> dst[k quad][row] (16 dwords per quad)
 void pack_plane_panel(const U8Problem& p, const uint8_t* plane, int64_t P, uint32_t* dst) {
   for (int64_t k = 0; k < p.K; k += 64) {
     __m512i r[16];
-    for (int i = 0; i < 16; ++i) {
-      const int64_t m = P * 16 + i;
-      r[i] = m < p.M ? _mm512_loadu_si512(plane + m * p.rs + k) : _mm512_setzero_si512();
-    }
-    transpose16u(r);
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(plane + (P * 16 + i) * p.rs + k);  // whole panels only
+    transpose16(r);
     for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (k / 4 + j) * 16, r[j]);
   }
 }
@@ -686,7 +683,7 @@ void tile_panel(const U8Problem& p, const uint32_t* hp, const uint32_t* lp, int6
     const __m256 f1 = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(_mm512_sub_pd(d1, off), sx1), sw));
     r[j] = _mm512_castps_si512(_mm512_insertf32x8(_mm512_castps256_ps512(f0), f1, 1));
   }
-  transpose16u(r);  // r[i] lane j: the output of row 16 P + i, column n0 + j
+  transpose16(r);  // r[i] lane j: the output of row 16 P + i, column n0 + j
   const __mmask16 cm = __mmask16((1u << cols) - 1);
   const int64_t rows = std::min<int64_t>(16, p.M - P * 16);
   for (int64_t i = 0; i < rows; ++i) {
