@@ -584,9 +584,9 @@ void split_rows_u8(const U8Problem& p, const void* x, bool bf16, uint8_t* hi, ui
 // gives the same bits (a panel of 1-15 rows would compute its empty lanes: at 17 rows, 2 panels for 17 rows made
 // the 17-64 bucket 0.86-0.92x of vLLM's bf16 where it is 1.02-1.20x at 32 and 64 rows).
 // Measured on a 2-core Zen 4 EPYC with AVX512-BF16 (docs/int8-kernels.md), int8 / vLLM's bf16 linear on the four
-// 1.0B Llama shapes, 1 thread: 1.07-1.34x at 16 rows, 1.07-1.20x at 32, 1.01-1.09x at 64, 0.98-0.99x at 256,
-// ahead of the loop above and of the bf16 dot-product loop it replaced (0.82-1.07x, 0.87-1.01x, 0.92-0.99x,
-// 0.96-0.97x) at every row count.
+// 1.0B Llama shapes, 1 thread, each loop forced, side by side: 1.07-1.34x at 16 rows, 1.02-1.20x at 32, 1.01-1.09x
+// at 64, 0.96-0.99x at 256, ahead of the loop above (1.00-1.23x, 0.97-1.12x, 0.95-1.05x, 0.92-0.97x) and of the
+// bf16 dot-product loop it replaced (0.82-1.07x, 0.87-1.01x, 0.92-0.99x, 0.94-0.97x) at every row count.
 
 constexpr int64_t PANEL_MIN_ROWS = 17;
 constexpr int PANEL_NR = 8;
