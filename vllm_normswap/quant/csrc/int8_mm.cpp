@@ -584,9 +584,10 @@ void split_rows_u8(const U8Problem& p, const void* x, bool bf16, uint8_t* hi, ui
 // gives the same bits (a panel of 1-15 rows would compute its empty lanes: at 17 rows, 2 panels for 17 rows made
 // the 17-64 bucket 0.86-0.92x of vLLM's bf16 where it is 1.02-1.20x at 32 and 64 rows).
 // Measured on a 2-core Zen 4 EPYC with AVX512-BF16 (docs/int8-kernels.md), int8 / vLLM's bf16 linear on the four
-// 1.0B Llama shapes, 1 thread, each loop forced, side by side: 1.07-1.34x at 16 rows, 1.02-1.20x at 32, 1.01-1.09x
-// at 64, 0.96-0.99x at 256, ahead of the loop above (1.00-1.23x, 0.97-1.12x, 0.95-1.05x, 0.92-0.97x) and of the
-// bf16 dot-product loop it replaced (0.82-1.07x, 0.87-1.01x, 0.92-0.99x, 0.94-0.97x) at every row count.
+// 1.0B Llama shapes, 1 thread, each loop forced (bench_int8_kernels.py --loops): 1.02-1.21x at 16 rows, 1.04-1.06x
+// at 32, 0.99-1.06x at 64, 0.97-0.98x at 256, against 0.92-1.15x, 0.99-1.04x, 0.95-1.04x, 0.91-0.95x for the loop
+// above; the bf16 dot-product loop it replaced had 0.82-1.07x, 0.87-1.01x, 0.92-0.99x, 0.94-0.97x (a side-by-side
+// timing of the same day).
 
 constexpr int64_t PANEL_MIN_ROWS = 17;
 constexpr int PANEL_NR = 8;
@@ -791,20 +792,23 @@ int64_t block_len(int64_t K, int64_t G, int64_t block) {
 // How the int16 and byte-plane loops split a call over the torch threads: work items of nc output rows (weight
 // rows) by mc activation rows, item i = (i / m_chunks, i % m_chunks). A chunk is a share of N per thread, at most
 // chunk_bytes of int8 weights (L2-resident while the row tiles of M pass over it), a multiple of the tile width nr;
-// with one row tile (M <= mr) nothing is reused and a chunk is a plain share per thread. Where N alone gives fewer
+// with one row tile (M <= mr) nothing is reused and a chunk is a plain share per thread, unless the loop reads each
+// chunk twice anyway (reread: the byte planes sum the chunk's weight rows first, and that pass should leave the
+// chunk in L2 for the tiles; at 16 rows a whole share per thread read the weights twice from memory, 0.83-0.95x of
+// vLLM's bf16 against 1.07-1.34x with L2-sized chunks). Where N alone gives fewer
 // chunks than threads, the rows M are split as well, in multiples of the row tile mr. Tiny problems run on the
 // calling thread (grain = items): a parallel region costs microseconds.
 struct Split {
   int64_t nc, mc, m_chunks, items, grain;
 };
 
-Split split_work(int64_t M, int64_t N, int64_t K, int64_t chunk_bytes, int64_t mr, int64_t nr) {
+Split split_work(int64_t M, int64_t N, int64_t K, int64_t chunk_bytes, int64_t mr, int64_t nr, bool reread) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   Split sp{};
   // each thread's share of N in equal chunks of at most the cap: with chunks of the cap itself, N = 2048 at 192
   // rows a chunk made 11 chunks, 6 on one thread and 5 on the other
   const int64_t share = (N + threads - 1) / threads;
-  const int64_t cap = M > mr ? std::max(nr, chunk_bytes / K) : share;
+  const int64_t cap = M > mr || reread ? std::max(nr, chunk_bytes / K) : share;
   const int64_t pieces = (share + cap - 1) / cap;
   sp.nc = (share + pieces - 1) / pieces;
   sp.nc = std::max(nr, (sp.nc + nr - 1) / nr * nr);
@@ -843,7 +847,7 @@ at::Tensor u8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
   pybind11::gil_scoped_release no_gil;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
                    [&](int64_t m0, int64_t m1) { split_rows_u8(p, xp, bf16, hi, lo, sx, m0, m1); });
-  const Split sp = split_work(M, N, K, U8_CHUNK_BYTES, U8_MR, U8_NR);
+  const Split sp = split_work(M, N, K, U8_CHUNK_BYTES, U8_MR, U8_NR, true);
   const int64_t nc = sp.nc, mc = sp.mc, m_chunks = sp.m_chunks;
   at::parallel_for(0, sp.items, sp.grain, [&](int64_t i0, int64_t i1) {
     std::vector<int32_t> S(static_cast<size_t>(nc));
@@ -897,7 +901,7 @@ at::Tensor panel_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
       pack_plane_panel(p, lo, P, lp + P * KQ * 16);
     }
   });
-  const Split sp = split_work(M, N, K, U8_CHUNK_BYTES, 16, PANEL_NR);
+  const Split sp = split_work(M, N, K, U8_CHUNK_BYTES, 16, PANEL_NR, true);
   at::parallel_for(0, sp.items, sp.grain, [&](int64_t i0, int64_t i1) {
     std::vector<int32_t> S(static_cast<size_t>(sp.nc));
     std::vector<int8_t> tail;  // the last weight rows when N is not a multiple of PANEL_NR, zero-padded
@@ -1014,7 +1018,7 @@ at::Tensor int8_mm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t isa, in
     });
 
     // ~256 KiB of weights per chunk, register tiles of up to 4 rows x 8 weight rows
-    const Split sp = split_work(M, N, K, 256 << 10, 4, 8);
+    const Split sp = split_work(M, N, K, 256 << 10, 4, 8, false);
     at::parallel_for(0, sp.items, sp.grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t ni = i / sp.m_chunks, mi = i % sp.m_chunks;
